@@ -482,7 +482,8 @@ class WanDiT(nn.Module):
                 raise ValueError("cache writes run without grad (wrap them in torch.no_grad())")
             cache.plan_write(start_frame, num_write, tpf)
 
-        text = self.embed_text(context)
+        text_cached = cache is not None and cache.text_kv[0] is not None
+        text = None if text_cached else self.embed_text(context)
         for i, block in enumerate(self.blocks):
             args = (tokens, e0, text, rope, mask, cache, i, len(context_frames), tpf, write)
             if self.gradient_checkpointing and torch.is_grad_enabled():

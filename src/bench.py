@@ -1,0 +1,101 @@
+"""`make bench`: CPU timings as JSON (not timed tests).
+
+* forward time per block in each attention mode (bidirectional / block-causal one pass / KV-cached), for the toy
+  preset and a larger one;
+* the cost of KV-cached autoregressive generation against recomputing the whole prefix for every block (ratio);
+* each sampler's frames/s and first-block latency (src/sampling/bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from src.models.wan import WanConfig, WanDiT
+
+PRESETS = {
+    # the toy world's DiT (conf/model/toy.yaml) on its 12x8x8 latents
+    "toy": (WanConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=12, out_dim=12, text_len=16,
+                      text_dim=64), (12, 8, 8)),
+    # Wan-shaped blocks (head_dim 128, 16 latent channels) at a CPU-sized width and resolution
+    "wan-small": (WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=4, text_len=64, text_dim=256),
+                  (16, 16, 16)),
+}
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.no_grad()
+def bench_attention_modes(cfg: WanConfig, latent: tuple[int, int, int], num_blocks: int = 7, fpb: int = 3,
+                          repeats: int = 3) -> dict:
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval()
+    frames = num_blocks * fpb
+    x = torch.randn(1, frames, *latent)
+    t = torch.full((1, frames), 500.0)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+
+    def cached_generation():
+        cache = model.new_cache()
+        for n in range(num_blocks):
+            sl = slice(n * fpb, (n + 1) * fpb)
+            model(x[:, sl], t[:, sl], ctx, cache=cache, start_frame=n * fpb, write_cache=True)
+
+    def recompute_prefix():  # no cache: every block re-runs everything before it
+        for n in range(num_blocks):
+            model(x[:, : (n + 1) * fpb], t[:, : (n + 1) * fpb], ctx, frames_per_block=fpb)
+
+    bidirectional = _timed(lambda: model(x, t, ctx), repeats)
+    block_causal = _timed(lambda: model(x, t, ctx, frames_per_block=fpb), repeats)
+    cached = _timed(cached_generation, repeats)
+    recompute = _timed(recompute_prefix, max(1, repeats // 2))
+    return {
+        "frames": frames,
+        "tokens": frames * model.tokens_per_frame(latent[1], latent[2]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds_per_block": {
+            "bidirectional": bidirectional / num_blocks,
+            "block_causal": block_causal / num_blocks,
+            "kv_cached": cached / num_blocks,
+        },
+        "kv_cached_generation_s": cached,
+        "recompute_prefix_generation_s": recompute,
+        "recompute_over_cached": recompute / cached,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="experiments/bench/cpu.json")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
+                    "torch": torch.__version__},
+        "attention_modes": {name: bench_attention_modes(cfg, latent) for name, (cfg, latent) in PRESETS.items()},
+    }
+    try:
+        from src.sampling.bench import bench_samplers
+    except ImportError:
+        bench_samplers = None
+    if bench_samplers is not None:
+        results["samplers"] = {name: bench_samplers(cfg, latent) for name, (cfg, latent) in PRESETS.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

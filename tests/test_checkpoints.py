@@ -1,0 +1,113 @@
+"""Checkpoint formats researchers already have on disk: round trips and clear refusals."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from src.checkpoints import (
+    CheckpointError,
+    export_training_checkpoint,
+    load_dit,
+    load_state_dict_strict,
+    save_dit,
+    wan_to_diffusers,
+)
+from src.models.wan import WanDiT
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_our_safetensors_round_trip(tiny_model, tmp_path):
+    save_dit(tiny_model, tmp_path / "m.safetensors")
+    assert _same_weights(load_dit(tmp_path / "m.safetensors"), tiny_model)
+
+
+def test_original_wan_release_folder(tiny_model, tiny_config, tmp_path):
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()},
+              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t2v", **tiny_config.to_dict()}))
+    assert _same_weights(load_dit(tmp_path), tiny_model)
+
+
+def test_sharded_original_checkpoint(tiny_model, tiny_config, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(tmp_path / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert _same_weights(load_dit(tmp_path, config=tiny_config), tiny_model)
+
+
+def test_diffusers_transformer_folder(tiny_model, tiny_config, tmp_path):
+    folder = tmp_path / "release" / "transformer"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in wan_to_diffusers(tiny_model.state_dict()).items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    c = tiny_config
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "WanTransformer3DModel", "patch_size": list(c.patch_size), "num_attention_heads": c.num_heads,
+        "attention_head_dim": c.head_dim, "in_channels": c.in_dim, "out_channels": c.out_dim, "text_dim": c.text_dim,
+        "freq_dim": c.freq_dim, "ffn_dim": c.ffn_dim, "num_layers": c.num_layers}))
+    loaded = load_dit(tmp_path / "release", config=tiny_config)  # text_len is not in diffusers configs
+    assert _same_weights(loaded, tiny_model)
+
+
+@pytest.mark.parametrize("wrapper", ["", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module._orig_mod."])
+def test_self_forcing_training_checkpoint(tiny_config, wrapper, tmp_path):
+    torch.manual_seed(0)
+    generator, critic, ema = WanDiT(tiny_config), WanDiT(tiny_config), WanDiT(tiny_config)
+    export_training_checkpoint(tmp_path / "model.pt", generator=generator, critic=critic, generator_ema=ema)
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(k.startswith("model.") for k in raw["generator"])
+    if wrapper:  # the same file as written by FSDP / activation checkpointing / torch.compile wrappers
+        raw = {name: {k.replace("model.", "model." + wrapper, 1): v for k, v in sd.items()} for name, sd in raw.items()}
+        torch.save(raw, tmp_path / "model.pt")
+    assert _same_weights(load_dit(tmp_path / "model.pt", config=tiny_config), ema)  # auto = EMA
+    assert _same_weights(load_dit(tmp_path / "model.pt", which="generator", config=tiny_config), generator)
+    assert _same_weights(load_dit(tmp_path / "model.pt", which="critic", config=tiny_config), critic)
+
+
+def test_missing_key_and_wrong_shape_load_nothing(tiny_model, tiny_config, tmp_path):
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    del state["blocks.0.ffn.0.bias"]
+    state["head.head.weight"] = torch.zeros(3, 3)
+    state["blocks.9.extra"] = torch.zeros(1)
+    target = WanDiT(tiny_config)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(target, state)
+    message = str(err.value)
+    assert "blocks.0.ffn.0.bias" in message and "head.head.weight" in message and "blocks.9.extra" in message
+    assert "nothing was loaded" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+class _RunsCodeOnLoad:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_would_run_code_is_refused(tiny_config, tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"generator": _RunsCodeOnLoad()}, f)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_dit(path, config=tiny_config)
+
+
+def test_missing_file_and_missing_config(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_dit(tmp_path / "nope.safetensors")
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(CheckpointError, match="config"):
+        load_dit(tmp_path / "bare.safetensors")
