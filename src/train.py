@@ -33,7 +33,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
     )
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("mode", "fit") == "predict":  # generation stages (ODE pairs) write through prediction callbacks
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -320,7 +320,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, context, cache: KVCache | None, layer: int):
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
-        if cache is None:
+        if cache is None or torch.is_grad_enabled():  # under autograd the text path must be in the graph
             k, v = self.text_kv(context)
         else:
             if cache.text_kv[layer] is None:
@@ -482,7 +482,7 @@ class WanDiT(nn.Module):
                 raise ValueError("cache writes run without grad (wrap them in torch.no_grad())")
             cache.plan_write(start_frame, num_write, tpf)
 
-        text_cached = cache is not None and cache.text_kv[0] is not None
+        text_cached = cache is not None and cache.text_kv[0] is not None and not torch.is_grad_enabled()
         text = None if text_cached else self.embed_text(context)
         for i, block in enumerate(self.blocks):
             args = (tokens, e0, text, rope, mask, cache, i, len(context_frames), tpf, write)

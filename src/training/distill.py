@@ -1,0 +1,278 @@
+"""HiAR distillation as one LightningModule: DMD over a step-first self-rollout, plus the forward-KL regulariser.
+
+Three models (hiar_method.md §7):
+* generator: the causal few-step student (trainable), initialised from the ODE-init stage or the base model;
+* teacher (real score): frozen, bidirectional, classifier-free guided as c + s (c - u) against the negative prompt;
+* critic (fake score): trainable, bidirectional, initialised from the base model.
+
+Every iteration updates the critic (flow loss on a no-grad rollout); every `gen_update_ratio`-th iteration first
+updates the generator (DMD loss on a rollout whose exit-step forwards carry grad, plus `fkl.weight` times the
+forward-KL loss on a batch of teacher ODE trajectories). Rollouts are the samplers' own schedules
+(`src.sampling.schedules.sample` with `exit_step`): step-first for HiAR, block-first for the Self-Forcing baseline.
+
+`trainer.max_steps` counts optimizer steps (critic and generator), as Self-Forcing's trainer does: N iterations take
+N * (1 + 1/gen_update_ratio) steps. The EMA of the generator (decay 0.99 from iteration 200) is kept here rather than
+by Lightning's WeightAveraging callback, which averages the whole LightningModule (critic included) and swaps the
+averaged weights into the module at the end of fit; we need a separate generator_ema to export and to sample with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from src.checkpoints import export_training_checkpoint, load_dit, save_dit
+from src.models.wan import WanDiT
+from src.sampling.noise import NoiseBank
+from src.sampling.schedules import SamplerConfig, sample
+from src.schedule import add_noise, sample_training_timesteps, x0_from_velocity
+from src.training.teacher import model_config, plain
+
+ROLLOUT_ORDERS = ("step_first", "block_first")
+FKL_ATTENTION = ("bidirectional", "causal")
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """No parameter of `module` requires grad inside the block, so no graph is built through it."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any parts (identical on every rank for identical parts)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def chord_x0(x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
+    """The x0 that the chord from x_a (sigma_a) to x_b (sigma_b) of a teacher ODE trajectory extrapolates to."""
+    velocity = (x_b.double() - x_a.double()) / (sigma_b - sigma_a)
+    return (x_a.double() - sigma_a * velocity).to(x_a.dtype)
+
+
+def load_world_model(config: dict, checkpoint: str | None) -> WanDiT:
+    """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given."""
+    cfg = model_config(config)
+    if checkpoint:
+        return load_dit(checkpoint, config=cfg)
+    return WanDiT(cfg)
+
+
+class DistillTask(L.LightningModule):
+    def __init__(
+        self,
+        world: dict,
+        sampler: dict,
+        generator_init: str | None = None,
+        export_dir: str | None = None,
+        num_frames: int = 21,
+        gen_update_ratio: int = 5,
+        min_exit_step: int = 0,
+        dmd: dict | None = None,
+        fkl: dict | None = None,
+        optim: dict | None = None,
+        ema: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        world = plain(world)
+        dmd = {"guidance": 3.0, "shift": 5.0, "t_min": 20.0, "t_max": 980.0, **(plain(dmd) if dmd else {})}
+        fkl = {"weight": 0.1, "num_steps": 1, "attention": "bidirectional", **(plain(fkl) if fkl else {})}
+        optim = {"lr_generator": 2e-6, "lr_critic": 3e-7, "betas": [0.0, 0.999], "weight_decay": 0.01,
+                 "grad_clip": 10.0, **(plain(optim) if optim else {})}
+        ema = {"decay": 0.99, "start": 200, **(plain(ema) if ema else {})}
+        sampler = plain(sampler)
+        order = sampler.pop("order", "step_first")
+        if order not in ROLLOUT_ORDERS:
+            raise ValueError(f"sampler.order must be one of {ROLLOUT_ORDERS}, got {order!r}")
+        if fkl["attention"] not in FKL_ATTENTION:
+            raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
+        if not 1 <= int(fkl["num_steps"]) <= 4:
+            raise ValueError("fkl.num_steps must be 1..4 (the saved trajectory has 4 chords)")
+        self.save_hyperparameters({
+            "world": world, "sampler": sampler, "generator_init": generator_init, "export_dir": export_dir,
+            "order": order,
+            "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
+            "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed,
+            "model_config": model_config(world["student"]).to_dict(),
+        })
+        self.automatic_optimization = False
+        self.strict_loading = False  # the frozen teacher is not stored in our checkpoints
+        self.sampler_cfg = SamplerConfig(**sampler)
+        if num_frames % self.sampler_cfg.frames_per_block:
+            raise ValueError(f"num_frames={num_frames} is not a multiple of frames_per_block")
+        if not 0 <= min_exit_step < self.sampler_cfg.num_steps:
+            raise ValueError(f"min_exit_step must lie in [0, {self.sampler_cfg.num_steps})")
+
+        base = world.get("critic_init") or world.get("teacher_checkpoint")
+        self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint")).eval().requires_grad_(False)
+        self.critic = load_world_model(world["critic"], base)
+        self.generator = load_world_model(world["student"], generator_init or base)
+        self.generator_ema: WanDiT | None = None
+        self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
+        self.codec = hydra.utils.instantiate(world["codec"])
+        self.latent_shape = (world["latent"]["channels"], world["latent"]["height"], world["latent"]["width"])
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------------------------------- pieces
+
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional = negative prompt) embeddings on this module's device."""
+        cond, _ = self.text_encoder.encode(list(prompts))
+        uncond, _ = self.text_encoder.encode([self.hparams.world.get("negative_prompt", "")] * len(prompts))
+        return cond.to(self.device), uncond.to(self.device)
+
+    def draw_exit_step(self, purpose: str) -> int:
+        """Uniform in [min_exit_step, S-1]; a function of (seed, iteration), hence the same on every rank."""
+        low, high = self.hparams.min_exit_step, self.sampler_cfg.num_steps
+        g = torch.Generator().manual_seed(derived_seed(self.hparams.seed, int(self.iteration), purpose))
+        return int(torch.randint(low, high, (1,), generator=g))
+
+    def rollout(self, model: WanDiT, context: torch.Tensor, exit_step: int | None, purpose: str) -> torch.Tensor:
+        """The generator's own video, x0 at the exit step, via the sampler schedule of `order`."""
+        bank = NoiseBank(derived_seed(self.hparams.seed, int(self.iteration), purpose, self.global_rank))
+        return sample(model, context, self.hparams.num_frames, self.latent_shape, self.sampler_cfg, bank,
+                      order=self.hparams.order, exit_step=exit_step)
+
+    def noisy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DMD/critic noise level: t uniform, shifted, clamped; the same t for every frame of a sample."""
+        d = self.hparams.dmd
+        t = sample_training_timesteps(x.shape[0], d["shift"], device=x.device, low=d["t_min"], high=d["t_max"])
+        noise = torch.randn_like(x)
+        return add_noise(x, noise, t), noise, t
+
+    @torch.no_grad()
+    def dmd_gradient(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """(fake - real) / mean|x - real|: the normalised DMD gradient with respect to x (hiar_method.md §7)."""
+        x_t, _, t = self.noisy(x)
+        real_c = x0_from_velocity(x_t, self.teacher(x_t, t, cond), t)
+        real_u = x0_from_velocity(x_t, self.teacher(x_t, t, uncond), t)
+        real = real_c + self.hparams.dmd["guidance"] * (real_c - real_u)
+        fake = x0_from_velocity(x_t, self.critic(x_t, t, cond), t)
+        scale = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        return torch.nan_to_num((fake - real) / scale)
+
+    def dmd_loss(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        grad = self.dmd_gradient(x.detach(), cond, uncond)
+        return 0.5 * F.mse_loss(x.double(), (x.double() - grad.double()).detach())
+
+    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Flow matching of the fake score on the generator's samples: v_pred vs noise - x."""
+        x_t, noise, t = self.noisy(x.detach())
+        return F.mse_loss(self.critic(x_t, t, cond).float(), (noise - x).float())
+
+    def fkl_loss(self, trajectory: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Forward-KL regulariser: from teacher ODE state i (sigma_i), the student's x0 must match the x0 that the
+        teacher's chord i -> i+1 extrapolates to, for the first fkl.num_steps chords (1 = the paper: pure noise at
+        t = 1000). trajectory [B, K, F, C, h, w]; sigmas [K]."""
+        f = self.hparams.fkl
+        fpb = None if f["attention"] == "bidirectional" else self.sampler_cfg.frames_per_block
+        losses = []
+        for i in range(int(f["num_steps"])):
+            x_a, x_b = trajectory[:, i], trajectory[:, i + 1]
+            sigma_a, sigma_b = float(sigmas[i]), float(sigmas[i + 1])
+            t = torch.full((x_a.shape[0],), 1000.0 * sigma_a, device=x_a.device)
+            x0 = x0_from_velocity(x_a, self.generator(x_a, t, cond, frames_per_block=fpb), t)
+            losses.append(F.mse_loss(x0.float(), chord_x0(x_a, x_b, sigma_a, sigma_b).float()))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def update_ema(self):
+        e = self.hparams.ema
+        if int(self.iteration) < e["start"]:
+            return
+        if self.generator_ema is None:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+            return
+        for shadow, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            shadow.lerp_(p.detach(), 1 - e["decay"])
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def step_optimizer(self, optimizer, loss: torch.Tensor):
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"], gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def training_step(self, batch, batch_idx):
+        opt_generator, opt_critic = self.optimizers()
+        cond, uncond = self.encode_text(batch["prompt"])
+        batch_size = len(batch["prompt"])
+        logs = {}
+        if int(self.iteration) % self.hparams.gen_update_ratio == 0:
+            exit_step = self.draw_exit_step("generator")
+            with frozen(self.critic):
+                x = self.rollout(self.generator, cond, exit_step, "generator")
+                loss_dmd = self.dmd_loss(x, cond, uncond)
+                loss = loss_dmd
+                if self.hparams.fkl["weight"] > 0:
+                    loss_fkl = self.fkl_loss(batch["trajectory"], batch["sigmas"][0], cond)
+                    loss = loss + self.hparams.fkl["weight"] * loss_fkl
+                    logs["train/fkl"] = loss_fkl
+            self.step_optimizer(opt_generator, loss)
+            self.update_ema()
+            logs.update({"train/dmd": loss_dmd, "train/exit_step": float(exit_step)})
+        with frozen(self.generator):
+            x = self.rollout(self.generator, cond, self.draw_exit_step("critic"), "critic")
+        loss_critic = self.critic_loss(x, cond)
+        self.step_optimizer(opt_critic, loss_critic)
+        logs["train/critic"] = loss_critic
+        self.log_dict(logs, prog_bar=True, batch_size=batch_size)
+        self.iteration += 1
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        betas = tuple(float(b) for b in o["betas"])  # AdamW refuses int betas (YAML `0`)
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=float(lr), betas=betas, weight_decay=float(o["weight_decay"]))
+
+        return [adamw(self.generator.parameters(), o["lr_generator"]), adamw(self.critic.parameters(), o["lr_critic"])]
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        if any(k.startswith("generator_ema.") for k in state) and self.generator_ema is None:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    def on_train_end(self) -> None:
+        """Export {generator, critic, generator_ema} in the official layout and the sampling weights as safetensors."""
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.hparams.export_dir or self.trainer.default_root_dir)
+        export_training_checkpoint(out / "model.pt", generator=self.generator, critic=self.critic,
+                                   generator_ema=self.generator_ema)
+        save_dit(self.sampling_model(), out / "student.safetensors")
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    def sampling_model(self) -> WanDiT:
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    @torch.no_grad()
+    def sample_videos(self, prompts: list[str], num_frames: int, seed: int, order: str = "step_first") -> torch.Tensor:
+        """The drift callback's protocol: pixels [B, T, 3, H, W] in [-1, 1] from the EMA generator (if started)."""
+        cond, _ = self.encode_text(prompts)
+        latents = sample(self.sampling_model(), cond, num_frames, self.latent_shape, self.sampler_cfg,
+                         NoiseBank(seed), order=order)
+        return self.codec.decode(latents)

@@ -1,0 +1,186 @@
+"""Teacher ODE trajectories ("ODE pairs") as webdataset shards, and the datamodule that reads them back.
+
+Writing (`python -m src.train experiment=ode_pairs`, `trainer.predict`): the prompt set is cut into chunks of
+`pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically. A chunk whose shard exists is
+skipped, so an interrupted run resumes, and under DDP each rank takes its own chunks (Lightning's distributed
+sampler). Each trajectory is the bidirectional teacher's Euler ODE (48 steps, shift 8, CFG u + 6 (c - u)) from noise
+drawn from `seed` and the prompt's index, so a resumed or re-sharded run writes the same data.
+
+A sample: `<key>.npy` float32 [K, F, C, h, w] (states at `save_indices`, the last one clean), `<key>.json`
+{"prompt", "sigmas", "indices"}. Batches: {"trajectory": [B, K, F, C, h, w], "sigmas": [B, K], "prompt": list}.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from src.sampling.ode import sample_ode
+from src.schedule import euler_grid
+from src.training.distill import derived_seed, load_world_model
+from src.training.teacher import plain
+
+SHARD_PATTERN = "ode-{:06d}.tar"
+
+
+def prompt_list(source: str, num_prompts: int, seed: int = 0) -> list[str]:
+    """`toy`: procedural training prompts (never a held-out one); otherwise a text file, one prompt per line."""
+    if source == "toy":
+        from src.worlds.toy.shapes import prompt_from_attributes, sample_attributes
+
+        rng = np.random.default_rng(seed)
+        return [prompt_from_attributes(sample_attributes(rng)) for _ in range(num_prompts)]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts[:num_prompts]
+
+
+class PromptChunks(Dataset):
+    """The chunks of the prompt set whose shards are not written yet."""
+
+    def __init__(self, prompts: list[str], pairs_per_shard: int, shard_dir: str | Path):
+        self.prompts, self.size = prompts, pairs_per_shard
+        total = (len(prompts) + pairs_per_shard - 1) // pairs_per_shard
+        self.chunks = [c for c in range(total) if not (Path(shard_dir) / SHARD_PATTERN.format(c)).exists()]
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        chunk = self.chunks[i]
+        indices = list(range(chunk * self.size, min((chunk + 1) * self.size, len(self.prompts))))
+        return {"chunk": chunk, "indices": indices, "prompts": [self.prompts[j] for j in indices]}
+
+
+class PromptChunksDataModule(L.LightningDataModule):
+    def __init__(self, source: str, num_prompts: int, pairs_per_shard: int, shard_dir: str, seed: int = 0):
+        super().__init__()
+        self.source, self.num_prompts, self.pairs_per_shard = source, num_prompts, pairs_per_shard
+        self.shard_dir, self.seed = shard_dir, seed
+
+    def predict_dataloader(self):
+        chunks = PromptChunks(prompt_list(self.source, self.num_prompts, self.seed), self.pairs_per_shard,
+                              self.shard_dir)
+        return DataLoader(chunks, batch_size=None, shuffle=False)
+
+
+class OdePairsTask(L.LightningModule):
+    """The frozen bidirectional teacher producing trajectories in `predict_step`."""
+
+    def __init__(self, world: dict, num_frames: int = 21, num_steps: int = 48, shift: float = 8.0,
+                 guidance: float = 6.0, save_indices=(0, 12, 24, 36, 48), seed: int = 0, batch_size: int = 8):
+        super().__init__()
+        world = plain(world)
+        if sorted(save_indices) != list(save_indices) or save_indices[-1] != num_steps:
+            raise ValueError(f"save_indices must ascend and end at num_steps={num_steps}, got {list(save_indices)}")
+        self.save_hyperparameters({"world": world, "num_frames": num_frames, "num_steps": num_steps, "shift": shift,
+                                   "guidance": guidance, "save_indices": list(save_indices), "seed": seed,
+                                   "batch_size": batch_size})
+        self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint")).eval().requires_grad_(False)
+        self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
+        latent = world["latent"]
+        self.latent_shape = (num_frames, latent["channels"], latent["height"], latent["width"])
+
+    def initial_noise(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derived_seed(self.hparams.seed, "ode_pairs", index))
+        return torch.randn(self.latent_shape, generator=g)
+
+    @torch.no_grad()
+    def predict_step(self, batch, batch_idx):
+        hp = self.hparams
+        negative = hp.world.get("negative_prompt", "")
+        states = []
+        for start in range(0, len(batch["prompts"]), hp.batch_size):
+            prompts = batch["prompts"][start : start + hp.batch_size]
+            indices = batch["indices"][start : start + hp.batch_size]
+            cond, _ = self.text_encoder.encode(prompts)
+            uncond, _ = self.text_encoder.encode([negative] * len(prompts))
+            noise = torch.stack([self.initial_noise(i) for i in indices]).to(self.device)
+            _, saved = sample_ode(self.teacher, cond.to(self.device), noise=noise, uncond_context=uncond.to(self.device),
+                                  num_steps=hp.num_steps, shift=hp.shift, guidance_scale=hp.guidance,
+                                  return_states_at=hp.save_indices)
+            states.append(torch.stack([saved[i] for i in hp.save_indices], dim=1))
+        sigmas = (euler_grid(hp.num_steps, hp.shift)[hp.save_indices] / 1000.0).tolist()
+        return {"chunk": batch["chunk"], "indices": batch["indices"], "prompts": batch["prompts"],
+                "states": torch.cat(states).cpu(), "sigmas": sigmas}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class PairShardWriter(BasePredictionWriter):
+    """Writes each predicted chunk as one shard; a temporary name until complete, so a crash leaves no half shard."""
+
+    def __init__(self, shard_dir: str):
+        super().__init__(write_interval="batch")
+        self.shard_dir = Path(shard_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        final = self.shard_dir / SHARD_PATTERN.format(prediction["chunk"])
+        partial = final.with_suffix(f".tar.partial{trainer.global_rank}")
+        with wds.TarWriter(str(partial)) as sink:
+            for index, prompt, states in zip(prediction["indices"], prediction["prompts"], prediction["states"]):
+                meta = {"prompt": prompt, "sigmas": prediction["sigmas"],
+                        "indices": pl_module.hparams.save_indices}
+                sink.write({"__key__": f"{index:08d}", "npy": _npy_bytes(states.numpy().astype(np.float32)),
+                            "json": json.dumps(meta).encode()})
+        os.replace(partial, final)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def pair_shards(shard_dir: str | Path) -> list[str]:
+    shards = sorted(str(p) for p in Path(shard_dir).glob("ode-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no ODE-pair shards in {shard_dir}: run `python -m src.train experiment=ode_pairs` first")
+    return shards
+
+
+def _decode(sample: dict) -> dict:
+    meta = json.loads(sample["json"])
+    trajectory = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    return {"trajectory": torch.from_numpy(trajectory), "sigmas": torch.tensor(meta["sigmas"]), "prompt": meta["prompt"]}
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {"trajectory": torch.stack([s["trajectory"] for s in samples]),
+            "sigmas": torch.stack([s["sigmas"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
+
+
+class OdePairsDataModule(L.LightningDataModule):
+    """Endless resampled batches of trajectories; each node and worker draws its own shards."""
+
+    def __init__(self, shard_dir: str, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 256, batches_per_epoch: int = 1000):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self):
+        hp = self.hparams
+        dataset = (
+            wds.WebDataset(pair_shards(hp.shard_dir), resampled=True, shardshuffle=False,
+                           nodesplitter=wds.split_by_node, seed=hp.seed)
+            .shuffle(hp.shuffle_buffer)
+            .map(_decode)
+            .batched(hp.batch_size, collation_fn=_collate)
+        )
+        return wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers).with_epoch(hp.batches_per_epoch)

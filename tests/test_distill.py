@@ -1,0 +1,169 @@
+"""Distillation on tiny models: losses, where gradients flow, update ratio, frozen teacher, forward-KL attention."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from src.checkpoints import save_dit
+from src.models.wan import WanConfig, WanDiT
+from src.schedule import warp_steps
+from src.training.distill import DistillTask, chord_x0
+
+ROOT = Path(__file__).parents[1]
+TINY_MODEL = dict(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=1, in_dim=12, out_dim=12, text_len=8,
+                  text_dim=16, patch_size=[1, 2, 2])
+SAMPLER = dict(order="step_first", steps=[1000, 750, 500, 250], warp=True, shift=5.0, frames_per_block=3, window=21,
+               sink=0, context_level="next", renoise=True, context_noise=0.0, hybrid_steps=2)
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.safetensors"
+    save_dit(WanDiT(WanConfig(**TINY_MODEL)), path)
+    return path
+
+
+def tiny_world(teacher_file):
+    return {
+        "name": "toy", "frames_per_block": 3, "latent": {"channels": 12, "height": 4, "width": 4},
+        "student": TINY_MODEL, "critic": TINY_MODEL, "teacher": TINY_MODEL,
+        "teacher_checkpoint": str(teacher_file), "critic_init": str(teacher_file), "negative_prompt": "",
+        "text_encoder": {"_target_": "src.worlds.toy.text.ToyTextEncoder", "text_len": 8, "text_dim": 16, "seed": 0},
+        "codec": {"_target_": "src.worlds.toy.codec.ToyCodec", "factor": 2},
+    }
+
+
+def make_task(teacher_file, order="step_first", **kw):
+    return DistillTask(world=tiny_world(teacher_file), sampler={**SAMPLER, "order": order}, num_frames=9,
+                       optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"decay": 0.9, "start": 2}, **kw)
+
+
+def batch(n=2):
+    trajectory = torch.randn(n, 5, 9, 12, 4, 4)
+    sigmas = torch.tensor([[1.0, 0.96, 8 / 9, 8 / 11, 0.0]] * n)
+    return {"trajectory": trajectory, "sigmas": sigmas, "prompt": ["a red circle moving left on a gray background"] * n}
+
+
+class Recorder:
+    """Wraps a model's forward to record (timesteps, grad enabled, cache write, frames_per_block) of every call."""
+
+    def __init__(self, model):
+        self.calls, self.model, self.original = [], model, model.forward
+
+        def forward(x, t, context, **kw):
+            self.calls.append({"t": torch.as_tensor(t).flatten()[0].item(), "grad": torch.is_grad_enabled(),
+                               "write": kw.get("write_cache", False), "fpb": kw.get("frames_per_block"),
+                               "cached": kw.get("cache") is not None})
+            return self.original(x, t, context, **kw)
+
+        model.forward = forward
+
+
+@pytest.mark.parametrize("order", ["step_first", "block_first"])
+@pytest.mark.parametrize("exit_step", [0, 2, 3])
+def test_gradients_reach_only_the_exit_step_forwards(teacher_file, order, exit_step):
+    task = make_task(teacher_file, order)
+    recorder = Recorder(task.generator)
+    cond, _ = task.encode_text(["a red circle moving left on a gray background"])
+    x = task.rollout(task.generator, cond, exit_step, "generator")
+    assert x.shape == (1, 9, 12, 4, 4) and x.requires_grad
+    t_exit = warp_steps(SAMPLER["steps"]).tolist()[exit_step]
+    with_grad = [c for c in recorder.calls if c["grad"]]
+    assert len(with_grad) == 3  # one per block
+    assert all(c["t"] == pytest.approx(t_exit) and not c["write"] for c in with_grad)
+    assert all(not c["grad"] for c in recorder.calls if c["write"])  # cache writes never carry grad
+    x.sum().backward()
+    assert all(p.grad is not None for p in task.generator.parameters())
+
+
+def test_one_iteration_of_each_loss(teacher_file):
+    task = make_task(teacher_file)
+    b = batch()
+    cond, uncond = task.encode_text(b["prompt"])
+    x = task.rollout(task.generator, cond, 1, "generator")
+    for loss in (task.dmd_loss(x, cond, uncond), task.critic_loss(x, cond),
+                 task.fkl_loss(b["trajectory"], b["sigmas"][0], cond)):
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+
+
+def test_dmd_gradient_points_from_real_to_fake(teacher_file):
+    """With the critic equal to the guidance-free teacher, the DMD gradient is the (normalised) guidance term."""
+    task = make_task(teacher_file, dmd={"guidance": 0.0})
+    x = torch.randn(2, 9, 12, 4, 4)
+    cond, uncond = task.encode_text(["a red circle moving left on a gray background"] * 2)
+    assert task.dmd_gradient(x, cond, uncond).abs().max() < 1e-4  # fake == real: nothing to learn
+
+
+def test_forward_kl_uses_full_attention_and_the_chord_target(teacher_file):
+    for attention, fpb in (("bidirectional", None), ("causal", 3)):
+        task = make_task(teacher_file, fkl={"attention": attention})
+        recorder = Recorder(task.generator)
+        b = batch()
+        cond, _ = task.encode_text(b["prompt"])
+        task.fkl_loss(b["trajectory"], b["sigmas"][0], cond)
+        assert [(c["fpb"], c["cached"], c["t"]) for c in recorder.calls] == [(fpb, False, 1000.0)]
+    x_a, x_b = torch.randn(3), torch.randn(3)
+    assert torch.allclose(chord_x0(x_a, x_b, 1.0, 0.96), x_a + 25 * (x_b - x_a), atol=1e-5)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        torch.manual_seed(0)
+        while True:
+            yield batch()
+
+
+def test_update_ratio_frozen_teacher_and_ema(teacher_file, tmp_path):
+    task = make_task(teacher_file)
+    teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    counts = {"generator": 0, "critic": 0}
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, enable_model_summary=False)
+    original = task.configure_optimizers
+
+    def counted():
+        optimizers = original()
+        for name, opt in zip(("generator", "critic"), optimizers):
+            opt.register_step_post_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+        return optimizers
+
+    task.configure_optimizers = counted
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=None))
+    assert counts == {"generator": 2, "critic": 10}  # 10 iterations, a generator update every 5th, 12 optimizer steps
+    assert all(torch.equal(teacher_before[k], v) for k, v in task.teacher.state_dict().items())
+    assert task.generator_ema is not None  # started at iteration 2
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "student.safetensors").exists()
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(exported) == {"generator", "critic", "generator_ema"}
+
+
+def _run(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_stage_chain_and_multirun(teacher_file, tmp_path):
+    """ode_pairs -> ode_init -> a 2-config hiar_fkl multirun (fkl.weight=0,0.1) on a tiny world, via the real CLI."""
+    model = ",".join(f"{k}={v}" for k, v in TINY_MODEL.items() if k != "patch_size")
+    tiny = [f"world.{m}.{kv}" for m in ("teacher", "student", "critic") for kv in model.split(",")]
+    common = [*tiny, f"world.teacher_checkpoint={teacher_file}", "world.latent.height=8", "world.latent.width=8",
+              "world.text_encoder.text_len=8", "world.text_encoder.text_dim=16", f"paths.root_dir={tmp_path}",
+              "world.training.num_ode_pairs=4", "world.training.batch_size=2"]
+    _run("experiment=ode_pairs", *common, "task.num_steps=4", "task.save_indices=[0,1,2,3,4]",
+         "data.pairs_per_shard=2", cwd=ROOT)
+    shards = sorted((tmp_path / "artifacts/toy/ode_pairs").glob("ode-*.tar"))
+    assert [s.name for s in shards] == ["ode-000000.tar", "ode-000001.tar"]
+    _run("experiment=ode_init", *common, "trainer.max_steps=2", cwd=ROOT)
+    assert (tmp_path / "artifacts/toy/ode_init.safetensors").exists()
+    _run("-m", "experiment=hiar_fkl", "fkl.weight=0,0.1", *common, "trainer.max_steps=2", "task.num_frames=9",
+         "data.batches_per_epoch=10", cwd=ROOT)
+    assert (tmp_path / "artifacts/toy/hiar_fkl/model.pt").exists()
+    runs = sorted((tmp_path / "logs/hiar_fkl/multiruns").glob("*/*/.hydra/overrides.yaml"))
+    assert len(runs) == 2
