@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled
 
-.PHONY: setup test lint bench
+.PHONY: setup demo test lint bench eval vbench-env
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# The whole toy chain (shipped teacher -> ODE pairs -> ODE init -> hiar_fkl -> 20 s videos -> report), 2 CPU cores.
+demo: setup
+	$(PY) -m src.demo
+
 test: setup
 	$(PY) -m pytest tests
 
@@ -28,3 +32,25 @@ lint: setup
 
 bench: setup
 	$(PY) -m src.bench --out experiments/bench/cpu.json
+
+# Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
+# toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).
+EVAL_ARGS ?=
+eval: setup
+	$(PY) -m evaluation.run $(EVAL_ARGS)
+
+# VBench's own environment (Python <= 3.11: transformers==4.33.2 needs tokenizers<0.14; numpy<2). torch < 2.6 because
+# VBench calls torch.load without weights_only. dreamsim, scenedetect and moviepy<2 are VBench-Long's undeclared imports.
+VBENCH_PYTHON     ?= python3.11
+VBENCH_VENV       ?= .venv-vbench
+VBENCH_TORCH_SPEC ?= torch==2.5.1 torchvision==0.20.1
+vbench-env: $(VBENCH_VENV)/.installed
+
+$(VBENCH_VENV)/.installed:
+	$(VBENCH_PYTHON) -c 'import sys; assert sys.version_info[:2] <= (3, 11), "VBench needs Python <= 3.11"'
+	test -x $(VBENCH_VENV)/bin/python || $(VBENCH_PYTHON) -m venv $(VBENCH_VENV)
+	$(VBENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VBENCH_VENV)/bin/python -m pip install --quiet $(VBENCH_TORCH_SPEC)
+	$(VBENCH_VENV)/bin/python -m pip install --quiet "vbench==0.1.5" "dreamsim==0.1.3" scenedetect "moviepy<2"
+	$(VBENCH_VENV)/bin/python -c "import vbench, vbench2_beta_long"
+	touch $@
