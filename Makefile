@@ -4,7 +4,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev
+EXTRAS     ?= dev,deepspeed
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled

@@ -10,6 +10,12 @@ updates the generator (DMD loss on a rollout whose exit-step forwards carry grad
 forward-KL loss on a batch of teacher ODE trajectories). Rollouts are the samplers' own schedules
 (`src.sampling.schedules.sample` with `exit_step`): step-first for HiAR, block-first for the Self-Forcing baseline.
 
+Distributed training (src/distributed, docs/distributed.md): every random draw of a sample -- its rollout noise,
+its DMD / critic timestep and noise -- is keyed by (seed, iteration, purpose, the sample's index in the iteration's
+global batch), never by the rank or a global RNG, so the losses do not depend on how the global batch is split over
+ranks and `grad_accumulation` micro-batches. Backward goes through `backward_for(optimizer, loss)`, which names the
+optimizer (hence the model) a loss trains, so that a strategy with one engine per model can route it.
+
 `trainer.max_steps` counts optimizer steps (critic and generator), as Self-Forcing's trainer does: N iterations take
 N * (1 + 1/gen_update_ratio) steps. The EMA of the generator (decay 0.99 from iteration 200) is kept here rather than
 by Lightning's WeightAveraging callback, which averages the whole LightningModule (critic included) and swaps the
@@ -27,6 +33,7 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
 from src.models.wan import WanDiT
@@ -55,6 +62,19 @@ def derived_seed(*parts) -> int:
     """A 63-bit seed from any parts (identical on every rank for identical parts)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SampleNoise:
+    """A NoiseBank per sample: the tensor at an address is the stack of each sample's own NoiseBank tensor, so a
+    sample's noise does not depend on the batch it is drawn in."""
+
+    def __init__(self, seeds: list[int]):
+        self.banks = [NoiseBank(s) for s in seeds]
+
+    def noise(self, kind: str, step: int, block: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        if shape[0] != len(self.banks):
+            raise ValueError(f"batch of {shape[0]} samples but noise for {len(self.banks)}")
+        return torch.cat([b.noise(kind, step, block, (1, *shape[1:]), device, dtype) for b in self.banks])
 
 
 def chord_x0(x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
@@ -86,6 +106,7 @@ class DistillTask(L.LightningModule):
         optim: dict | None = None,
         ema: dict | None = None,
         seed: int = 0,
+        grad_accumulation: int = 1,
     ):
         super().__init__()
         world = plain(world)
@@ -100,13 +121,15 @@ class DistillTask(L.LightningModule):
             raise ValueError(f"sampler.order must be one of {ROLLOUT_ORDERS}, got {order!r}")
         if fkl["attention"] not in FKL_ATTENTION:
             raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
+        if int(grad_accumulation) < 1:
+            raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
         if not 1 <= int(fkl["num_steps"]) <= 4:
             raise ValueError("fkl.num_steps must be 1..4 (the saved trajectory has 4 chords)")
         self.save_hyperparameters({
             "world": world, "sampler": sampler, "generator_init": generator_init, "export_dir": export_dir,
             "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
-            "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed,
+            "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
             "model_config": model_config(world["student"]).to_dict(),
         })
         self.automatic_optimization = False
@@ -141,23 +164,43 @@ class DistillTask(L.LightningModule):
         g = torch.Generator().manual_seed(derived_seed(self.hparams.seed, int(self.iteration), purpose))
         return int(torch.randint(low, high, (1,), generator=g))
 
-    def rollout(self, model: WanDiT, context: torch.Tensor, exit_step: int | None, purpose: str) -> torch.Tensor:
+    def positions(self, micro: int, size: int) -> list[int]:
+        """Indices in this iteration's global batch of the `size` samples of micro-batch `micro` on this rank:
+        (micro * world_size + rank) * size + j."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        first = (micro * world + self.global_rank) * size
+        return list(range(first, first + size))
+
+    def sample_seeds(self, purpose: str, positions: list[int] | None, batch_size: int) -> list[int]:
+        """One seed per sample, from (seed, iteration, purpose, global sample index); positions None: 0..B-1."""
+        positions = range(batch_size) if positions is None else positions
+        return [derived_seed(self.hparams.seed, int(self.iteration), purpose, i) for i in positions]
+
+    def rollout(self, model: WanDiT, context: torch.Tensor, exit_step: int | None, purpose: str,
+                positions: list[int] | None = None) -> torch.Tensor:
         """The generator's own video, x0 at the exit step, via the sampler schedule of `order`."""
-        bank = NoiseBank(derived_seed(self.hparams.seed, int(self.iteration), purpose, self.global_rank))
+        bank = SampleNoise(self.sample_seeds(purpose, positions, context.shape[0]))
         return sample(model, context, self.hparams.num_frames, self.latent_shape, self.sampler_cfg, bank,
                       order=self.hparams.order, exit_step=exit_step)
 
-    def noisy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def noisy(self, x: torch.Tensor, purpose: str, positions: list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DMD/critic noise level: t uniform, shifted, clamped; the same t for every frame of a sample."""
         d = self.hparams.dmd
-        t = sample_training_timesteps(x.shape[0], d["shift"], device=x.device, low=d["t_min"], high=d["t_max"])
-        noise = torch.randn_like(x)
+        ts, noises = [], []
+        for seed in self.sample_seeds(purpose, positions, x.shape[0]):
+            g = torch.Generator().manual_seed(seed)
+            ts.append(sample_training_timesteps(1, d["shift"], generator=g, low=d["t_min"], high=d["t_max"]))
+            noises.append(torch.randn(x.shape[1:], generator=g))
+        t = torch.cat(ts).to(x.device)
+        noise = torch.stack(noises).to(device=x.device, dtype=x.dtype)
         return add_noise(x, noise, t), noise, t
 
     @torch.no_grad()
-    def dmd_gradient(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    def dmd_gradient(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                     positions: list[int] | None = None) -> torch.Tensor:
         """(fake - real) / mean|x - real|: the normalised DMD gradient with respect to x (hiar_method.md §7)."""
-        x_t, _, t = self.noisy(x)
+        x_t, _, t = self.noisy(x, "dmd_noise", positions)
         real_c = x0_from_velocity(x_t, self.teacher(x_t, t, cond), t)
         real_u = x0_from_velocity(x_t, self.teacher(x_t, t, uncond), t)
         real = real_c + self.hparams.dmd["guidance"] * (real_c - real_u)
@@ -165,13 +208,14 @@ class DistillTask(L.LightningModule):
         scale = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         return torch.nan_to_num((fake - real) / scale)
 
-    def dmd_loss(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        grad = self.dmd_gradient(x.detach(), cond, uncond)
+    def dmd_loss(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                 positions: list[int] | None = None) -> torch.Tensor:
+        grad = self.dmd_gradient(x.detach(), cond, uncond, positions)
         return 0.5 * F.mse_loss(x.double(), (x.double() - grad.double()).detach())
 
-    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
         """Flow matching of the fake score on the generator's samples: v_pred vs noise - x."""
-        x_t, noise, t = self.noisy(x.detach())
+        x_t, noise, t = self.noisy(x.detach(), "critic_noise", positions)
         return F.mse_loss(self.critic(x_t, t, cond).float(), (noise - x).float())
 
     def fkl_loss(self, trajectory: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -202,36 +246,70 @@ class DistillTask(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- training
 
-    def step_optimizer(self, optimizer, loss: torch.Tensor):
+    def backward_for(self, optimizer, loss: torch.Tensor) -> None:
+        """manual_backward that names the optimizer whose model `loss` trains: Lightning's Strategy.backward takes the
+        optimizer (manual_backward passes None), and a strategy that syncs or shards each model on its own
+        (src/distributed) routes the backward by it."""
+        self._verify_is_manual_optimization("backward_for")
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        self.trainer.strategy.backward(loss, optimizer)
+
+    def micro_batches(self, batch: dict) -> list[tuple[dict, list[int]]]:
+        """The batch cut into `grad_accumulation` micro-batches, each with its samples' global indices."""
+        n, a = len(batch["prompt"]), self.hparams.grad_accumulation
+        if n % a:
+            raise ValueError(f"batch of {n} samples is not divisible into grad_accumulation={a} micro-batches")
+        size = n // a
+        return [({k: v[i * size:(i + 1) * size] for k, v in batch.items()}, self.positions(i, size)) for i in range(a)]
+
+    def update(self, optimizer, micro_batches: list[tuple[dict, list[int]]], loss_fn) -> dict[str, torch.Tensor]:
+        """One optimizer step over the micro-batches: loss_fn(micro_batch, positions) -> (loss, logged parts); each loss
+        / #micro-batches is backpropagated at once (one micro-batch's activations alive at a time), then clip and step.
+        Returns each logged part averaged over the micro-batches, i.e. over this rank's batch."""
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        logs: dict[str, torch.Tensor] = {}
+        for micro, positions in micro_batches:
+            loss, parts = loss_fn(micro, positions)
+            self.backward_for(optimizer, loss / len(micro_batches))
+            for key, value in parts.items():
+                logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"], gradient_clip_algorithm="norm")
         optimizer.step()
+        return logs
+
+    def generator_loss(self, batch: dict, positions: list[int], exit_step: int) -> tuple[torch.Tensor, dict]:
+        cond, uncond = self.encode_text(batch["prompt"])
+        with frozen(self.critic):
+            x = self.rollout(self.generator, cond, exit_step, "generator", positions)
+            loss_dmd = self.dmd_loss(x, cond, uncond, positions)
+            loss, parts = loss_dmd, {"train/dmd": loss_dmd}
+            if self.hparams.fkl["weight"] > 0:
+                loss_fkl = self.fkl_loss(batch["trajectory"], batch["sigmas"][0], cond)
+                loss = loss + self.hparams.fkl["weight"] * loss_fkl
+                parts["train/fkl"] = loss_fkl
+        return loss, parts
+
+    def critic_update_loss(self, batch: dict, positions: list[int], exit_step: int) -> tuple[torch.Tensor, dict]:
+        cond, _ = self.encode_text(batch["prompt"])
+        with frozen(self.generator):
+            x = self.rollout(self.generator, cond, exit_step, "critic", positions)
+        loss = self.critic_loss(x, cond, positions)
+        return loss, {"train/critic": loss}
 
     def training_step(self, batch, batch_idx):
         opt_generator, opt_critic = self.optimizers()
-        cond, uncond = self.encode_text(batch["prompt"])
-        batch_size = len(batch["prompt"])
+        micro = self.micro_batches(batch)
         logs = {}
         if int(self.iteration) % self.hparams.gen_update_ratio == 0:
             exit_step = self.draw_exit_step("generator")
-            with frozen(self.critic):
-                x = self.rollout(self.generator, cond, exit_step, "generator")
-                loss_dmd = self.dmd_loss(x, cond, uncond)
-                loss = loss_dmd
-                if self.hparams.fkl["weight"] > 0:
-                    loss_fkl = self.fkl_loss(batch["trajectory"], batch["sigmas"][0], cond)
-                    loss = loss + self.hparams.fkl["weight"] * loss_fkl
-                    logs["train/fkl"] = loss_fkl
-            self.step_optimizer(opt_generator, loss)
+            logs.update(self.update(opt_generator, micro, lambda b, pos: self.generator_loss(b, pos, exit_step)))
             self.update_ema()
-            logs.update({"train/dmd": loss_dmd, "train/exit_step": float(exit_step)})
-        with frozen(self.generator):
-            x = self.rollout(self.generator, cond, self.draw_exit_step("critic"), "critic")
-        loss_critic = self.critic_loss(x, cond)
-        self.step_optimizer(opt_critic, loss_critic)
-        logs["train/critic"] = loss_critic
-        self.log_dict(logs, prog_bar=True, batch_size=batch_size)
+            logs["train/exit_step"] = float(exit_step)
+        exit_step = self.draw_exit_step("critic")
+        logs.update(self.update(opt_critic, micro, lambda b, pos: self.critic_update_loss(b, pos, exit_step)))
+        # sync_dist: the logged losses are those of the global batch (the mean of the ranks' means)
+        self.log_dict(logs, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
         self.iteration += 1
 
     def configure_optimizers(self):
