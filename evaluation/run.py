@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.drift import video_drift
@@ -32,6 +33,17 @@ from evaluation.video_io import VideoEntry, list_videos, read_video, write_video
 
 log = logging.getLogger(__name__)
 REFERENCE_METHOD = "ground_truth"
+
+
+def world_resolution(frames, video: DictConfig):
+    """Frames [T, 3, H, W] shown upscaled for viewing -> the world's own resolution (area average, which undoes a
+    nearest-neighbour upscale exactly and averages out codec artefacts), so the oracle sees what the model made."""
+    height, width = int(video.height), int(video.width)
+    if frames.shape[-2:] == (height, width):
+        return frames
+    if frames.shape[-2] % height or frames.shape[-1] % width:
+        raise ValueError(f"frames of {tuple(frames.shape[-2:])} are not a multiple of the world's {height}x{width}")
+    return torch.nn.functional.avg_pool2d(frames, (frames.shape[-2] // height, frames.shape[-1] // width))
 
 
 def _is_toy(cfg: DictConfig) -> bool:
@@ -145,21 +157,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
     vbench_status = "not requested (vbench.enabled=false)"
     for method in methods:
         group = [e for e in entries if e.method == method]
-        videos, frames_list, durations = [], [], []
+        videos, scores, durations = [], [], []
         for e in group:
             frames, fps = read_video(e.path)
             fps = float(cfg.fps) if cfg.fps is not None else fps
             r = video_drift(frames, measures, fps, cfg.segments, weights, unavailable)
             r.update(name=e.path.name, prompt=e.prompt, path=str(e.path))
             if oracle is not None:
-                r["oracle"] = jsonable(oracle.score_video(frames, e.prompt, segments=cfg.segments))
-                frames_list.append(frames)
+                scores.append(oracle.score_video(world_resolution(frames, cfg.world.video), e.prompt, cfg.segments))
+                r["oracle"] = jsonable(scores[-1])
             videos.append(r)
             durations.append(r["duration_s"])
         oracle_summary = None
         if oracle is not None:
-            prompts = [e.prompt for e in group]
-            oracle_summary = jsonable(oracle.score_videos(frames_list, prompts, segments=cfg.segments))
+            oracle_summary = jsonable(oracle.summarise_scores(scores))
         vbench = None
         if use_vbench:
             method_dirs = {e.path.parent for e in group}

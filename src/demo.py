@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/demo", help="where the artifacts, videos and report go")
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate 20 s videos for")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage (default: reuse finished ones)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every stage, e.g. world.teacher_checkpoint=F")
     args = parser.parse_args(argv)
 
     out = (ROOT / args.out).resolve()
     artifacts = out / "artifacts"
-    common = [f"paths.artifacts_dir={artifacts}", f"paths.log_dir={out / 'logs'}"]
+    common = [f"paths.artifacts_dir={artifacts}", f"paths.log_dir={out / 'logs'}", *args.overrides]
     timings: dict[str, float] = {}
-    teacher = ROOT / "assets" / "toy_teacher.safetensors"
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("world.teacher_checkpoint=")]
+    teacher = Path(given[-1]) if given else ROOT / "assets" / "toy_teacher.safetensors"
     if not teacher.exists():
         print(f"{teacher} is missing: training the toy teacher first (see experiments/teacher_toy/README.md)")
         run("teacher", ["-m", "src.train", "experiment=teacher_toy", *common], timings)
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         "-m", "evaluation.run", f"out_dir={report_dir}", f"paths.log_dir={out / 'logs'}",
         f"generate.methods={{hiar_fkl: {{checkpoint: '{student}'}}}}", "generate.num_frames=81",
         f"reference.prompts={args.prompts}",
+        *[o for o in args.overrides if o.startswith("world.")],  # the rest (trainer.*, ...) concern training only
     ], timings)
 
     summary = {"seconds": timings, "videos": str(report_dir / "videos"), "report": str(report_dir / "report.md"),
