@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint bench eval vbench-env
+.PHONY: setup demo test lint bench bench-gpu eval vbench-env
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ lint: setup
 
 bench: setup
 	$(PY) -m src.bench --out experiments/bench/cpu.json
+
+bench-gpu: setup
+	$(PY) -m src.bench_gpu --out experiments/bench
 
 # Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
 # toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).
