@@ -39,10 +39,9 @@ def world_resolution(frames, video: DictConfig):
     """Frames [T, 3, H, W] shown upscaled for viewing -> the world's own resolution (area average, which undoes a
     nearest-neighbour upscale exactly and averages out codec artefacts), so the oracle sees what the model made."""
     height, width = int(video.height), int(video.width)
-    if frames.shape[-2:] == (height, width):
-        return frames
-    if frames.shape[-2] % height or frames.shape[-1] % width:
-        raise ValueError(f"frames of {tuple(frames.shape[-2:])} are not a multiple of the world's {height}x{width}")
+    fh, fw = frames.shape[-2] // height, frames.shape[-1] // width
+    if fh < 1 or fw < 1 or (fh, fw) == (1, 1) or frames.shape[-2] % height or frames.shape[-1] % width:
+        return frames  # not an upscale of the world's frames: the oracle measures them as they are
     return torch.nn.functional.avg_pool2d(frames, (frames.shape[-2] // height, frames.shape[-1] // width))
 
 

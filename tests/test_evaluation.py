@@ -219,10 +219,10 @@ def _fake_oracle(monkeypatch):
     def score_video(frames, prompt, segments=5):
         return {"fidelity": torch.tensor(1.0), "object_found": 1.0, "segments": [1.0] * segments, "drift": 0.0}
 
-    def score_videos(frames_list, prompts, segments=5):
+    def summarise_scores(scores):
         return {"fidelity": 1.0, "direction_agreement": 0.75, "segments": [1.0, 1.0, 0.9, 0.8, 0.7], "drift": -0.1}
 
-    module = types.SimpleNamespace(score_video=score_video, score_videos=score_videos)
+    module = types.SimpleNamespace(score_video=score_video, summarise_scores=summarise_scores)
     monkeypatch.setitem(sys.modules, "src.worlds.toy.oracle", module)
     import src.worlds.toy
 

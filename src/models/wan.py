@@ -278,7 +278,9 @@ def frame_visibility(
 # --------------------------------------------------------------------------------------------- layers
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q, k, v, o projections with Wan's q/k RMSNorm over the full width (shared by self- and cross-attention)."""
+
     def __init__(self, dim, num_heads, eps, qk_norm=True):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -286,6 +288,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+
+class SelfAttention(Projections):
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, num_context_frames: int, tpf: int, write: bool):
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
@@ -303,14 +307,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim, num_heads, eps, qk_norm=True):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-
+class CrossAttention(Projections):
     def text_kv(self, context):
         b, n, _ = context.shape
         k = self.norm_k(self.k(context)).view(b, n, self.num_heads, self.head_dim)

@@ -1,0 +1,113 @@
+"""The bidirectional teacher: a WanDiT trained by flow matching (v = noise - x0) on a world's videos.
+
+Text is dropped to the world's negative prompt for a fraction of samples so the teacher supports classifier-free
+guidance. EMA weights come from Lightning's `EMAWeightAveraging` callback (conf/experiment/teacher_toy.yaml), which
+keeps both weight sets in the checkpoint and so resumes exactly; its checkpoints' `state_dict` holds the EMA weights.
+`export_teacher` writes those as a safetensors file with the model config in the metadata; `load_teacher` reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from src.checkpoints import load_dit, save_dit
+from src.models.wan import WanConfig, WanDiT
+from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise
+
+
+def plain(node) -> dict:
+    """Hydra nodes -> plain containers (torch>=2.6 weights_only checkpoint loading rejects OmegaConf objects)."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+def model_config(node: dict) -> WanConfig:
+    return WanConfig.from_dict({k: v for k, v in node.items() if k != "_target_"})
+
+
+class TeacherTask(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        text_encoder: dict,
+        codec: dict,
+        negative_prompt: str = "",
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        text_dropout: float = 0.1,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        clip_frames: list[int] | None = None,
+    ):
+        super().__init__()
+        model, text_encoder, codec = plain(model), plain(text_encoder), plain(codec)
+        if not 0 <= text_dropout < 1:
+            raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
+        self.save_hyperparameters(
+            {"model": model, "text_encoder": text_encoder, "codec": codec, "negative_prompt": negative_prompt,
+             "lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps,
+             "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
+             "clip_frames": list(clip_frames) if clip_frames else None}
+        )
+        self.model = WanDiT(model_config(model))
+        self.text_encoder = hydra.utils.instantiate(text_encoder)
+        self.codec = hydra.utils.instantiate(codec)
+
+    def sample_timesteps(self, batch: int) -> torch.Tensor:
+        """Logit-normal noise levels (SD3): sigma = sigmoid(N(mean, std)); a negative mean weights low noise more."""
+        normal = torch.randn(batch, device=self.device) * self.hparams.logit_std + self.hparams.logit_mean
+        return torch.sigmoid(normal) * NUM_TRAIN_TIMESTEPS
+
+    def flow_matching_loss(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        clip_frames = self.hparams.clip_frames
+        if clip_frames:  # a random clip length per batch, always from frame 0, so the prompt's direction holds
+            length = clip_frames[int(torch.randint(len(clip_frames), ()))]
+            pixels = pixels[:, :length]
+        x0 = self.codec.encode(pixels)
+        drop = torch.rand(len(prompts)) < self.hparams.text_dropout
+        prompts = [self.hparams.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
+        context, _ = self.text_encoder.encode(prompts)
+        t = self.sample_timesteps(x0.shape[0])
+        noise = torch.randn_like(x0)
+        velocity = self.model(add_noise(x0, noise, t), t, context)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+
+    def training_step(self, batch, batch_idx):
+        loss = self.flow_matching_loss(batch["video"], batch["prompt"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+def export_teacher(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+    """Lightning checkpoint (EMA weights in its state_dict) -> safetensors with {"config": WanConfig json} metadata."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    config = model_config(checkpoint["hyper_parameters"]["model"])
+    model = WanDiT(config)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return save_teacher(model, out_path)
+
+
+def save_teacher(model: WanDiT, out_path: str | Path) -> Path:
+    save_dit(model, out_path)
+    return Path(out_path)
+
+
+def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> WanDiT:
+    """A frozen WanDiT in eval mode from any checkpoint `src.checkpoints.load_dit` reads."""
+    return load_dit(path, device=device).eval().requires_grad_(False)

@@ -1,0 +1,140 @@
+"""Toy-world videos as webdataset shards (written by one command) and a datamodule that reads them or renders on the fly.
+
+Write:  python -m src.worlds.toy.data --out data/toy_videos --num-videos 8000 --frames 21
+A sample is `<key>.npy` (uint8 video [T, 3, H, W]), `<key>.json` (attributes, seed, prompt) and `<key>.txt` (prompt).
+Batches are {"video": float [B, T, 3, H, W] in [-1, 1], "prompt": list[str]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
+
+SHARD_PATTERN = "toy-%06d.tar"
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def from_uint8(video) -> torch.Tensor:
+    return torch.as_tensor(video).float() / 127.5 - 1
+
+
+def random_sample(rng: np.random.Generator, num_frames: int, height: int, width: int) -> dict:
+    attrs = sample_attributes(rng)
+    seed = int(rng.integers(2**31))
+    return {"attrs": attrs, "seed": seed, "prompt": prompt_from_attributes(attrs),
+            "video": render_video(attrs, num_frames, height, width, seed)}
+
+
+def write_shards(out_dir: str | Path, num_videos: int, num_frames: int = 21, height: int = 16, width: int = 16,
+                 seed: int = 0, videos_per_shard: int = 2000) -> list[str]:
+    """Render num_videos training videos into webdataset shards under out_dir; returns the shard paths."""
+    if num_videos < 1:
+        raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=videos_per_shard, verbose=0) as sink:
+        for index in range(num_videos):
+            sample = random_sample(rng, num_frames, height, width)
+            meta = {**sample["attrs"], "seed": sample["seed"], "prompt": sample["prompt"]}
+            sink.write({"__key__": f"{index:08d}", "npy": to_uint8(sample["video"]), "json": meta, "txt": sample["prompt"]})
+    return shard_paths(out_dir)
+
+
+def shard_paths(shard_dir: str | Path) -> list[str]:
+    return sorted(str(p) for p in Path(shard_dir).glob("toy-*.tar"))
+
+
+def _to_example(sample: dict) -> dict:
+    return {"video": from_uint8(sample["npy"]), "prompt": sample["txt"]}
+
+
+def _collate(examples: list[dict]) -> dict:
+    return {"video": torch.stack([e["video"] for e in examples]), "prompt": [e["prompt"] for e in examples]}
+
+
+def shard_pipeline(urls: list[str], batch_size: int, shuffle_buffer: int = 1000, seed: int = 0) -> wds.WebDataset:
+    """Endless resampled training stream; each node and worker draws its own shards (split_by_node for DDP)."""
+    if not urls:
+        raise ValueError("no shards given")
+    dataset = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed)
+    return dataset.shuffle(shuffle_buffer).decode().map(_to_example).batched(batch_size, collation_fn=_collate)
+
+
+class ProceduralVideos(IterableDataset):
+    """Endless freshly rendered batches; rank and worker get disjoint seeds."""
+
+    def __init__(self, batch_size: int, num_frames: int, height: int, width: int, seed: int = 0):
+        self.batch_size, self.num_frames, self.height, self.width, self.seed = batch_size, num_frames, height, width, seed
+
+    def __iter__(self):
+        worker = get_worker_info()
+        rank = int(os.environ.get("RANK", 0))
+        rng = np.random.default_rng([self.seed, rank, worker.id if worker else 0])
+        while True:
+            samples = [random_sample(rng, self.num_frames, self.height, self.width) for _ in range(self.batch_size)]
+            yield {"video": torch.stack([s["video"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
+
+
+class ToyVideoDataModule(L.LightningDataModule):
+    """source="shards": read (and, if absent, first write) webdataset shards; source="procedural": render on the fly."""
+
+    def __init__(self, source: str = "shards", shard_dir: str = "data/toy_videos", num_videos: int = 8000,
+                 num_frames: int = 21, height: int = 16, width: int = 16, batch_size: int = 16, num_workers: int = 0,
+                 shuffle_buffer: int = 1000, batches_per_epoch: int = 1000, seed: int = 0):
+        super().__init__()
+        if source not in ("shards", "procedural"):
+            raise ValueError(f"source must be 'shards' or 'procedural', got {source!r}")
+        self.save_hyperparameters()
+
+    def prepare_data(self):
+        hp = self.hparams
+        if hp.source == "shards" and not shard_paths(hp.shard_dir):
+            write_shards(hp.shard_dir, hp.num_videos, hp.num_frames, hp.height, hp.width, seed=hp.seed)
+
+    def setup(self, stage: str):
+        # webdataset reads the rank from RANK; Lightning's launcher sets only WORLD_SIZE (webdataset issue #361)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            os.environ.setdefault("RANK", str(self.trainer.global_rank))
+
+    def train_dataloader(self):
+        hp = self.hparams
+        if hp.source == "procedural":
+            dataset = ProceduralVideos(hp.batch_size, hp.num_frames, hp.height, hp.width, seed=hp.seed)
+            return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)
+        urls = shard_paths(hp.shard_dir)
+        if not urls:
+            raise FileNotFoundError(f"no toy-*.tar shards in {hp.shard_dir}")
+        dataset = shard_pipeline(urls, hp.batch_size, hp.shuffle_buffer, seed=hp.seed)
+        return wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers).with_epoch(hp.batches_per_epoch)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description="Write toy-world training videos as webdataset shards.")
+    parser.add_argument("--out", default="data/toy_videos")
+    parser.add_argument("--num-videos", type=int, default=8000)
+    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--height", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--videos-per-shard", type=int, default=2000)
+    args = parser.parse_args(argv)
+    paths = write_shards(args.out, args.num_videos, args.frames, args.height, args.width, args.seed, args.videos_per_shard)
+    print(json.dumps({"shards": len(paths), "out": args.out}))
+
+
+if __name__ == "__main__":
+    main()

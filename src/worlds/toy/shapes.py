@@ -1,0 +1,186 @@
+"""Procedural text-to-video data: one soft-edged shape bouncing on a flat background, and its plain-English prompt.
+
+Attributes are what the prompt says: {"shape", "color", "background", "direction"}. The seed passed to
+`render_video` picks what it does not say (start position, speed). The object starts in the half of the frame behind
+its direction of motion, so the first leg of every video moves the prompted way; walls reflect it, so long videos keep
+moving. Pixels are [T, 3, H, W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import torch
+
+SHAPES = ("circle", "square", "triangle")
+# RGB in [0, 1]; object colours are saturated and every one is far (>= 0.65 in [-1, 1] units) from every background.
+OBJECT_COLORS = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.15, 0.35, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "orange": (1.0, 0.5, 0.0),
+    "white": (1.0, 1.0, 1.0),
+}
+BACKGROUND_COLORS = {
+    "black": (0.0, 0.0, 0.0),
+    "dark blue": (0.0, 0.0, 0.35),
+    "dark green": (0.0, 0.3, 0.0),
+    "gray": (0.5, 0.5, 0.5),
+}
+# unit vectors in (x, y) pixel coordinates, y pointing down
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+REFERENCE_SIZE = 16  # radius and speed below are in pixels of a 16 x 16 frame and scale with the frame
+RADIUS = 3.0  # every shape has the area of a circle of this radius
+SPEED_RANGE = (0.5, 1.0)  # pixels per frame
+SUPERSAMPLING = 4  # coverage samples per pixel side (anti-aliased edges)
+NUM_HELDOUT = 48
+HELDOUT_SEED = 20240601
+
+PROMPT_PATTERN = re.compile(r"^an? (\w+) (\w+) moving (\w+) on an? ([\w ]+?) background$")
+WORDS = sorted(
+    {"a", "an", "moving", "on", "background"}
+    | set(SHAPES)
+    | set(DIRECTIONS)
+    | {w for name in list(OBJECT_COLORS) + list(BACKGROUND_COLORS) for w in name.split()}
+)
+
+
+def to_signed(rgb) -> torch.Tensor:
+    """RGB in [0, 1] -> [-1, 1] float tensor [3]."""
+    return torch.tensor(rgb, dtype=torch.float32) * 2 - 1
+
+
+def all_attributes() -> list[dict]:
+    """Every attribute combination, in a fixed order."""
+    return [
+        {"shape": s, "color": c, "background": b, "direction": d}
+        for s, c, b, d in itertools.product(SHAPES, OBJECT_COLORS, BACKGROUND_COLORS, DIRECTIONS)
+    ]
+
+
+def _heldout_combinations() -> list[dict]:
+    combos = all_attributes()
+    order = np.random.default_rng(HELDOUT_SEED).permutation(len(combos))
+    return [combos[i] for i in order[:NUM_HELDOUT]]
+
+
+_HELDOUT = _heldout_combinations()
+_HELDOUT_KEYS = {tuple(a.values()) for a in _HELDOUT}
+TRAIN_ATTRIBUTES = [a for a in all_attributes() if tuple(a.values()) not in _HELDOUT_KEYS]
+
+
+def heldout_prompts(n: int = 32) -> list[str]:
+    """The first n of a fixed set of attribute combinations that training never samples."""
+    if not 0 < n <= NUM_HELDOUT:
+        raise ValueError(f"n must be in 1..{NUM_HELDOUT}, got {n}")
+    return [prompt_from_attributes(a) for a in _HELDOUT[:n]]
+
+
+def sample_attributes(rng: np.random.Generator) -> dict:
+    """A training attribute combination (never a held-out one), uniformly."""
+    return dict(TRAIN_ATTRIBUTES[int(rng.integers(len(TRAIN_ATTRIBUTES)))])
+
+
+def validate_attributes(attrs: dict) -> dict:
+    expected = {"shape": SHAPES, "color": OBJECT_COLORS, "background": BACKGROUND_COLORS, "direction": DIRECTIONS}
+    if set(attrs) != set(expected):
+        raise ValueError(f"attributes must have exactly the keys {sorted(expected)}, got {sorted(attrs)}")
+    for key, allowed in expected.items():
+        if attrs[key] not in allowed:
+            raise ValueError(f"unknown {key} {attrs[key]!r}; expected one of {list(allowed)}")
+    return attrs
+
+
+def prompt_from_attributes(attrs: dict) -> str:
+    validate_attributes(attrs)
+    article = "an" if attrs["color"][0] in "aeiou" else "a"
+    return f"{article} {attrs['color']} {attrs['shape']} moving {attrs['direction']} on a {attrs['background']} background"
+
+
+def parse_prompt(prompt: str) -> dict:
+    """The inverse of `prompt_from_attributes` (case and surrounding spaces ignored)."""
+    match = PROMPT_PATTERN.match(" ".join(prompt.lower().split()))
+    if match is None:
+        raise ValueError(
+            f"not a toy-world prompt: {prompt!r} (expected 'a <color> <shape> moving <direction> on a <bg> background')"
+        )
+    color, shape, direction, background = match.groups()
+    return validate_attributes({"shape": shape, "color": color, "background": background, "direction": direction})
+
+
+def shape_extents(shape: str, radius: float) -> tuple[float, float, float, float]:
+    """Extents of the shape around its centroid: (left, right, up, down), in pixels."""
+    if shape == "circle":
+        return radius, radius, radius, radius
+    if shape == "square":
+        half = radius * math.sqrt(math.pi) / 2
+        return half, half, half, half
+    side = radius * math.sqrt(4 * math.pi / math.sqrt(3))  # equilateral, apex up, same area as the circle
+    circumradius = side / math.sqrt(3)
+    return side / 2, side / 2, circumradius, circumradius / 2
+
+
+def _inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
+    if shape == "circle":
+        return dx.square() + dy.square() <= radius**2
+    if shape == "square":
+        half = radius * math.sqrt(math.pi) / 2
+        return (dx.abs() <= half) & (dy.abs() <= half)
+    side = radius * math.sqrt(4 * math.pi / math.sqrt(3))
+    circumradius = side / math.sqrt(3)
+    # apex at (0, -R), base at y = R/2; the slanted edges satisfy |dx| <= (y + R) / sqrt(3)
+    return (dy <= circumradius / 2) & (dx.abs() * math.sqrt(3) <= dy + circumradius)
+
+
+def _reflect(position: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Unfold a straight path into [low, high] by mirror reflections (a triangle wave)."""
+    span = high - low
+    u = np.mod(position - low, 2 * span)
+    return low + np.where(u <= span, u, 2 * span - u)
+
+
+def trajectory(attrs: dict, num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Centroid (x, y) per frame [T, 2] in pixel units (pixel j covers [j, j + 1])."""
+    validate_attributes(attrs)
+    scale = min(height, width) / REFERENCE_SIZE
+    left, right, up, down = shape_extents(attrs["shape"], RADIUS * scale)
+    if left + right >= width or up + down >= height:
+        raise ValueError(f"a {height}x{width} frame is too small for the shapes")
+    rng = np.random.default_rng(seed)
+    speed = rng.uniform(*SPEED_RANGE) * scale
+    lows, highs = np.array([left, up]), np.array([width - right, height - down])
+    velocity = np.array(DIRECTIONS[attrs["direction"]], dtype=np.float64) * speed
+    start = rng.uniform(lows, highs)
+    axis = 0 if velocity[0] != 0 else 1
+    half = (highs[axis] - lows[axis]) / 2  # start behind the middle so the first leg runs the prompted way
+    if velocity[axis] > 0:
+        start[axis] = rng.uniform(lows[axis], lows[axis] + half)
+    else:
+        start[axis] = rng.uniform(highs[axis] - half, highs[axis])
+    straight = start[None, :] + np.arange(num_frames)[:, None] * velocity[None, :]
+    return np.stack([_reflect(straight[:, i], lows[i], highs[i]) for i in range(2)], axis=1)
+
+
+def render_video(attrs: dict, num_frames: int, height: int = 16, width: int = 16, seed: int = 0) -> torch.Tensor:
+    """The video [T, 3, H, W] in [-1, 1] for the attributes; the seed picks start position and speed."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    centers = torch.from_numpy(trajectory(attrs, num_frames, height, width, seed)).float()
+    radius = RADIUS * min(height, width) / REFERENCE_SIZE
+    s = SUPERSAMPLING
+    ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
+    xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
+    dx = xs[None, None, :] - centers[:, 0, None, None]
+    dy = ys[None, :, None] - centers[:, 1, None, None]
+    inside = _inside(attrs["shape"], dx, dy, radius).float()  # [T, H*s, W*s]
+    coverage = torch.nn.functional.avg_pool2d(inside[:, None], s)  # [T, 1, H, W]
+    obj = to_signed(OBJECT_COLORS[attrs["color"]])[None, :, None, None]
+    bg = to_signed(BACKGROUND_COLORS[attrs["background"]])[None, :, None, None]
+    return bg + coverage * (obj - bg)

@@ -1,0 +1,114 @@
+"""Teacher: flow-matching steps lower the loss, the ODE sampler is seeded, training resumes, the Hydra experiment runs."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+from src.sampling.ode import sample_ode, sample_videos
+from src.schedule import euler_grid
+from src.train import train
+from src.training.teacher import TeacherTask, export_teacher, load_teacher
+from src.worlds.toy.data import ToyVideoDataModule
+from src.worlds.toy.shapes import prompt_from_attributes, render_video
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+TINY_MODEL = {"_target_": "src.models.wan.WanConfig", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_heads": 2,
+              "num_layers": 1, "in_dim": 12, "out_dim": 12, "text_len": 16, "text_dim": 64, "patch_size": [1, 2, 2]}
+TEXT = {"_target_": "src.worlds.toy.text.ToyTextEncoder", "text_len": 16, "text_dim": 64, "seed": 0}
+CODEC = {"_target_": "src.worlds.toy.codec.ToyCodec", "factor": 2}
+ATTRS = {"shape": "square", "color": "yellow", "background": "black", "direction": "up"}
+
+
+def tiny_task(**kwargs) -> TeacherTask:
+    return TeacherTask(model=TINY_MODEL, text_encoder=TEXT, codec=CODEC, **kwargs)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    task = tiny_task(text_dropout=0.0)
+    pixels = torch.stack([render_video(ATTRS, 3, 16, 16, seed=i) for i in range(2)])
+    prompts = [prompt_from_attributes(ATTRS)] * 2
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(sum(task.flow_matching_loss(pixels, prompts) for _ in range(4)))
+
+    before = fixed_loss()
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-2)
+    for _ in range(10):
+        optimizer.zero_grad()
+        task.flow_matching_loss(pixels, prompts).backward()
+        optimizer.step()
+    assert fixed_loss() < 0.8 * before
+
+
+def test_ode_sampler_is_seeded_and_returns_states():
+    task = tiny_task()
+    model = task.model.eval()
+    context, _ = task.text_encoder.encode(["a red circle moving left on a black background"] * 2)
+    uncond, _ = task.text_encoder.encode([""])
+    kwargs = {"shape": (2, 3, 12, 8, 8), "uncond_context": uncond, "num_steps": 4, "shift": 8.0, "guidance_scale": 6.0}
+    first = sample_ode(model, context, generator=torch.Generator().manual_seed(1), **kwargs)
+    again, states = sample_ode(model, context, generator=torch.Generator().manual_seed(1), return_states_at=[0, 2, 4],
+                               **kwargs)
+    other = sample_ode(model, context, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert sorted(states) == [0, 2, 4] and torch.equal(states[4], first)
+    noise = torch.randn(2, 3, 12, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(states[0], noise)
+    assert torch.equal(sample_ode(model, context, noise=noise, **{k: v for k, v in kwargs.items() if k != "shape"}), first)
+    assert euler_grid(4, 8.0)[0] == 1000 and euler_grid(4, 8.0)[-1] == 0
+    videos = sample_videos(model, task.text_encoder, task.codec, ["a red circle moving left on a black background"], 3,
+                           (12, 8, 8), seed=0, num_steps=2)
+    assert videos.shape == (1, 3, 3, 16, 16) and videos.abs().max() <= 1
+
+
+def _fit(task, root: Path, max_steps: int, ckpt_path=None):
+    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[EMAWeightAveraging(decay=0.9),
+                                   ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=2)])
+    data = ToyVideoDataModule(source="procedural", num_frames=3, batch_size=2)
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_training_resumes_from_its_checkpoint_and_exports(tmp_path):
+    torch.manual_seed(0)
+    _fit(tiny_task(), tmp_path, max_steps=2)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2 and "current_model_state" in checkpoint
+    resumed = _fit(tiny_task(), tmp_path, max_steps=4, ckpt_path=str(last))
+    assert resumed.global_step == 4
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    exported = export_teacher(last, tmp_path / "teacher.safetensors")
+    teacher = load_teacher(exported)
+    ema = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    raw = {k[len("model."):]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("model.")}
+    assert teacher.cfg.dim == 32 and all(torch.equal(v, ema[k]) for k, v in teacher.state_dict().items())
+    assert not all(torch.equal(v, raw[k]) for k, v in teacher.state_dict().items())  # EMA, not the raw weights
+
+
+def test_hydra_experiment_composes_and_trains(tmp_path):
+    overrides = [
+        "experiment=teacher_toy",
+        *[f"world.teacher.{k}={v}" for k, v in
+          {"dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_heads": 2, "num_layers": 1}.items()],
+        "data.source=procedural", "data.batch_size=2", "data.num_frames=5", "task.clip_frames=[3,5]",
+        "trainer.max_steps=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", f"paths.data_dir={tmp_path}/data",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name="train", overrides=overrides)
+    metrics = train(cfg)
+    assert "train/loss" in metrics
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()

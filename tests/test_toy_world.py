@@ -1,0 +1,167 @@
+"""Toy world: data, shards, oracle (perfect on ground truth, catches planted faults), codec and text encoder."""
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from src.worlds.toy.codec import ToyCodec
+from src.worlds.toy.data import ToyVideoDataModule, from_uint8, shard_paths, shard_pipeline, write_shards
+from src.worlds.toy.oracle import score_video, score_videos
+from src.worlds.toy.shapes import (
+    BACKGROUND_COLORS,
+    TRAIN_ATTRIBUTES,
+    all_attributes,
+    heldout_prompts,
+    parse_prompt,
+    prompt_from_attributes,
+    render_video,
+    sample_attributes,
+    to_signed,
+)
+from src.worlds.toy.text import ToyTextEncoder
+
+ATTRS = {"shape": "circle", "color": "red", "background": "dark blue", "direction": "left"}
+
+
+def test_prompt_round_trip_and_heldout_split():
+    for attrs in all_attributes():
+        assert parse_prompt(prompt_from_attributes(attrs)) == attrs
+    assert prompt_from_attributes(ATTRS) == "a red circle moving left on a dark blue background"
+    assert parse_prompt("An Orange square moving up on a gray background")["color"] == "orange"
+    heldout = heldout_prompts(32)
+    assert len(set(heldout)) == 32
+    assert not set(heldout) & {prompt_from_attributes(a) for a in TRAIN_ATTRIBUTES}
+    rng = np.random.default_rng(0)
+    assert all(prompt_from_attributes(sample_attributes(rng)) not in heldout for _ in range(200))
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        parse_prompt("a cat sitting on a mat")
+    with pytest.raises(ValueError, match="unknown color"):
+        prompt_from_attributes({**ATTRS, "color": "beige"})
+
+
+def test_render_video_is_seeded_moves_and_stays_in_range():
+    video = render_video(ATTRS, 81, 16, 16, seed=3)
+    assert video.shape == (81, 3, 16, 16) and video.min() >= -1 and video.max() <= 1
+    assert torch.equal(video, render_video(ATTRS, 81, 16, 16, seed=3))
+    assert not torch.equal(video, render_video(ATTRS, 81, 16, 16, seed=4))
+    assert (video[1:] - video[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0  # never frozen, bounces included
+    assert render_video(ATTRS, 5, 32, 24, seed=0).shape == (5, 3, 32, 24)
+
+
+def test_shards_round_trip(tmp_path):
+    paths = write_shards(tmp_path, num_videos=6, num_frames=9, seed=1, videos_per_shard=2)
+    assert len(paths) == 3 == len(shard_paths(tmp_path))
+    for sample in wds.WebDataset(paths, shardshuffle=False).decode():
+        meta = sample["json"]
+        attrs = {k: meta[k] for k in ("shape", "color", "background", "direction")}
+        assert sample["txt"] == meta["prompt"] == prompt_from_attributes(attrs)
+        expected = render_video(attrs, 9, 16, 16, meta["seed"])
+        assert (from_uint8(sample["npy"]) - expected).abs().max() <= 1 / 127.5
+    batch = next(iter(shard_pipeline(paths, batch_size=4, shuffle_buffer=4)))
+    assert batch["video"].shape == (4, 9, 3, 16, 16) and len(batch["prompt"]) == 4
+    assert all(parse_prompt(p) for p in batch["prompt"])
+
+
+def test_datamodule_writes_then_reads_shards_and_renders_on_the_fly(tmp_path):
+    module = ToyVideoDataModule(shard_dir=str(tmp_path / "shards"), num_videos=4, num_frames=6, batch_size=2,
+                                shuffle_buffer=2, batches_per_epoch=3)
+    module.prepare_data()
+    batches = list(module.train_dataloader())
+    assert len(batches) == 3 and batches[0]["video"].shape == (2, 6, 3, 16, 16)
+    procedural = ToyVideoDataModule(source="procedural", num_frames=6, batch_size=3)
+    assert next(iter(procedural.train_dataloader()))["video"].shape == (3, 6, 3, 16, 16)
+
+
+def _scalars(scores):
+    return {k: v for k, v in scores.items() if k not in ("segments", "drift")}
+
+
+@pytest.mark.parametrize("num_frames", [21, 81])
+def test_oracle_is_perfect_on_ground_truth(num_frames):
+    rng = np.random.default_rng(num_frames)
+    attrs = [sample_attributes(rng) for _ in range(4)]
+    videos = [render_video(a, num_frames, 16, 16, seed=i) for i, a in enumerate(attrs)]
+    scores = score_videos(videos, [prompt_from_attributes(a) for a in attrs])
+    assert scores["fidelity"] == scores["object_found"] == scores["direction_agreement"] == 1.0
+    assert scores["smoothness"] == 1.0 and scores["dynamic"] == 1.0
+    assert scores["object_color_error"] < 0.01 and scores["background_color_error"] < 0.01
+    assert 0.5 <= scores["motion"] <= 1.0
+    assert all(len(v) == 5 for v in scores["segments"].values())
+    assert abs(scores["drift"]["fidelity"]["slope"]) < 1e-9 and scores["drift"]["object_found"]["first_last"] == 0
+
+
+def test_oracle_detects_planted_faults():
+    prompt = prompt_from_attributes(ATTRS)
+    video = render_video(ATTRS, 21, 16, 16, seed=0)
+    assert score_video(video, prompt)["fidelity"] == 1.0
+
+    wrong_color = score_video(render_video({**ATTRS, "color": "green"}, 21, 16, 16, seed=0), prompt)
+    assert wrong_color["fidelity"] == 0 and wrong_color["object_found"] == 0
+    assert wrong_color["object_color_error"] > 0.5
+
+    shifted = score_video((video + torch.tensor([0.0, 0.9, 0.0])[:, None, None]).clamp(-1, 1), prompt)
+    assert shifted["fidelity"] == 0 and shifted["object_color_error"] > 0.5
+
+    frozen = score_video(video[:1].expand(21, -1, -1, -1), prompt)
+    assert frozen["fidelity"] == 0 and frozen["motion"] < 0.01 and frozen["direction_agreement"] == 0
+
+    reversed_motion = score_video(render_video({**ATTRS, "direction": "right"}, 21, 16, 16, seed=0), prompt)
+    assert reversed_motion["fidelity"] == 0 and reversed_motion["direction_agreement"] < 0.8
+
+    noisy = score_video(video + 0.3 * torch.randn(video.shape, generator=torch.Generator().manual_seed(0)), prompt)
+    assert noisy["background_color_error"] > 0.3
+
+    vanishing = video.clone()
+    vanishing[11:] = to_signed(BACKGROUND_COLORS[ATTRS["background"]])[:, None, None]
+    gone = score_video(vanishing, prompt)
+    assert gone["fidelity"] == 0 and 0.4 < gone["object_found"] < 0.6
+    assert gone["drift"]["object_found"]["first_last"] == -1 and gone["drift"]["object_found"]["slope"] < -0.2
+
+
+def test_oracle_is_robust_to_speckles():
+    prompt = prompt_from_attributes(ATTRS)
+    video = render_video(ATTRS, 21, 16, 16, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    speckles = torch.rand(video.shape[0], 1, 16, 16, generator=generator) < 0.03
+    colors = torch.rand(video.shape, generator=generator) * 2 - 1
+    scores = score_video(torch.where(speckles, colors, video), prompt)
+    assert scores["fidelity"] == 1.0 and scores["object_found"] == 1.0
+
+
+def test_oracle_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
+        score_video(torch.zeros(21, 16, 16), prompt_from_attributes(ATTRS))
+    with pytest.raises(ValueError, match="frames per segment"):
+        score_video(torch.zeros(8, 3, 16, 16), prompt_from_attributes(ATTRS), segments=5)
+
+
+def test_codec_is_an_exact_round_trip():
+    codec = ToyCodec(factor=2)
+    pixels = torch.rand(2, 5, 3, 16, 16) * 2 - 1
+    latents = codec.encode(pixels)
+    assert latents.shape == (2, 5, 12, 8, 8) and codec.latent_channels == 12
+    assert codec.temporal_compression == 1 and codec.spatial_compression == 2 and codec.num_pixel_frames(5) == 5
+    torch.testing.assert_close(codec.decode(latents), pixels, atol=1e-6, rtol=0)
+    streaming = codec.streaming_decoder()
+    blocks = [streaming.decode_next(latents[:, i : i + 2]) for i in range(0, 5, 2)]
+    torch.testing.assert_close(torch.cat(blocks, 1), pixels, atol=1e-6, rtol=0)
+    data = torch.stack([render_video(sample_attributes(np.random.default_rng(i)), 9, 16, 16, i) for i in range(16)])
+    normalised = codec.encode(data)
+    assert normalised.mean().abs() < 0.5 and 0.5 < normalised.std() < 1.5
+    with pytest.raises(ValueError, match="not divisible"):
+        codec.encode(torch.zeros(1, 1, 3, 15, 16))
+
+
+def test_text_encoder_is_deterministic_and_order_sensitive():
+    encoder = ToyTextEncoder(text_len=16, text_dim=64, seed=0)
+    prompts = ["a red circle moving left on a dark blue background", "a blue circle moving left on a dark red background",
+               "a zebra", ""]
+    embeddings, mask = encoder.encode(prompts)
+    again, _ = ToyTextEncoder(text_len=16, text_dim=64, seed=0).encode(prompts)
+    assert embeddings.shape == (4, 16, 64) and torch.equal(embeddings, again)
+    assert mask[0].sum() == 10 and mask[2].sum() == 2 and not mask[3].any()
+    assert (embeddings[~mask] == 0).all()
+    assert not torch.allclose(embeddings[0], embeddings[1])  # same words, different order
+    assert not torch.equal(embeddings, ToyTextEncoder(seed=1).encode(prompts)[0])
+    assert not any(p.requires_grad for p in encoder.parameters())
