@@ -29,28 +29,31 @@ METHODS = {
     "hiar_fkl": ("hiar_fkl", "step_first"),
 }
 COLUMNS = [("fidelity", "fidelity"), ("direction_agreement", "direction"), ("object_found", "object found"),
-           ("motion", "motion"), ("drift_fidelity", "fidelity drift"), ("drift_motion", "motion drift")]
+           ("object_color_error", "object colour err"), ("motion", "motion px/frame"),
+           ("found_slope", "object found: slope"), ("found_first_last", "object found: last-first"),
+           ("motion_slope", "motion: slope"), ("hiar_drift", "HiAR drift (sat., sharpness)")]
 
 
 def table(report: dict) -> tuple[list[dict], str]:
-    """One row per method from evaluation.run's report.json (oracle summary)."""
+    """One row per method from evaluation.run's report.json: oracle means and the drift over 5 segments."""
     rows = []
     for method, result in report["methods"].items():
-        oracle = result["summary"].get("oracle") or {}
+        summary = result["summary"]
+        oracle = summary.get("oracle") or {}
         drift = oracle.get("drift", {})
         rows.append({
             "method": method,
-            "videos": result["summary"].get("videos"),
-            **{key: oracle.get(key) for key, _ in COLUMNS[:4]},
-            "drift_fidelity": (drift.get("fidelity") or {}).get("slope"),
-            "drift_motion": (drift.get("motion") or {}).get("slope"),
-            "hiar_drift_score": result["summary"].get("drift_score"),
+            "videos": oracle.get("num_videos"),
+            **{key: oracle.get(key) for key in ("fidelity", "direction_agreement", "object_found", "object_color_error",
+                                                 "motion")},
+            "found_slope": drift.get("object_found", {}).get("slope"),
+            "found_first_last": drift.get("object_found", {}).get("first_last"),
+            "motion_slope": drift.get("motion", {}).get("slope"),
+            "hiar_drift": summary.get("drift"),
         })
-    header = "| method | videos | " + " | ".join(title for _, title in COLUMNS) + " | drift score |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+    lines = ["| method | videos | " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
-        cells = [r["method"], str(r["videos"])] + [_fmt(r[key]) for key, _ in COLUMNS] + [_fmt(r["hiar_drift_score"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([r["method"], str(r["videos"])] + [_fmt(r[key]) for key, _ in COLUMNS]) + " |")
     return rows, "\n".join(lines)
 
 
@@ -77,13 +80,15 @@ def main(argv=None):
             run(student, ["-m", "src.train", f"experiment={student}", *common], timings)
 
     methods = ", ".join(
-        f"{name}: {{checkpoint: '{artifacts / trained / 'student.safetensors'}', overrides: [sampler={order}]}}"
+        f"{name}: {{checkpoint: '{artifacts / trained / 'student.safetensors'}', overrides: ['sampler={order}']}}"
         for name, (trained, order) in METHODS.items()
     )
     report_dir = out / "report"
-    run("evaluate", ["-m", "evaluation.run", f"out_dir={report_dir}", f"paths.log_dir={out / 'logs'}",
-                     f"generate.methods={{{methods}}}", "generate.num_frames=81", f"reference.prompts={args.prompts}",
-                     *[o for o in args.overrides if o.startswith("world.")]], timings)
+    if not (report_dir / "report.json").exists():
+        run("evaluate", ["-m", "evaluation.run", f"out_dir={report_dir}", f"paths.log_dir={out / 'logs'}",
+                         f"generate.methods={{{methods}}}", "generate.num_frames=81",
+                         f"reference.prompts={args.prompts}", *[o for o in args.overrides if o.startswith("world.")]],
+            timings)
 
     report = json.loads((report_dir / "report.json").read_text())
     rows, markdown = table(report)
