@@ -66,8 +66,8 @@ def test_pipelined_equals_step_first(tmp_path, world):
     model, context, cfg = toy_model(), toy_context(), SamplerConfig()
     for blocks in BLOCKS:
         ref = step_first_reference(model, context, blocks, cfg)
-        unfused = torch.load(tmp_path / f"{blocks}_False.pt")
-        fused = torch.load(tmp_path / f"{blocks}_True.pt")
+        unfused = torch.load(tmp_path / f"{blocks}_False.pt", weights_only=True)
+        fused = torch.load(tmp_path / f"{blocks}_True.pt", weights_only=True)
         assert torch.equal(unfused, ref)
         assert (fused - unfused).abs().max() < 1e-5
         assert not torch.equal(fused, unfused)  # the fused forward really is another computation

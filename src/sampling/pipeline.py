@@ -245,7 +245,7 @@ def main(argv=None):
         latent = a.latent or [16, 60, 104]
     model = model.to(device=device, dtype=dtype).eval()
     if a.context:
-        context = torch.load(a.context, map_location=device)
+        context = torch.load(a.context, map_location=device, weights_only=True)
     else:
         context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
     context = context.to(device)
