@@ -166,6 +166,17 @@ def timed_run(sampler: str, model: WanDiT, context: torch.Tensor, num_frames: in
     }
 
 
+def timing(run: dict, num_frames: int, pixel_frames: int) -> dict:
+    """Throughput and latency of one timed run (DiT alone or end to end)."""
+    return {
+        "total_s": run["total_s"],
+        "latent_frames_per_s": num_frames / run["total_s"],
+        "pixel_frames_per_s": pixel_frames / run["total_s"],
+        "first_block_latency_s": run["first_block_latency_s"],
+        "peak_memory_bytes": run["peak_memory_bytes"],
+    }
+
+
 def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE, context: torch.Tensor, num_frames: int,
                   latent_shape: Sequence[int], cfg: SamplerConfig, seed: int, peak_tflops: float) -> dict:
     """The DiT-only run and the end-to-end run of one sampler at one length."""
@@ -182,22 +193,12 @@ def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE, context: torch.Ten
         "expected_forwards": expected_forwards(sampler, cfg, num_blocks),
         "tokens": dit["tokens"],
         "dit": {
-            "total_s": dit["total_s"],
-            "latent_frames_per_s": num_frames / dit["total_s"],
-            "pixel_frames_per_s": pixel_frames / dit["total_s"],
-            "first_block_latency_s": dit["first_block_latency_s"],
-            "peak_memory_bytes": dit["peak_memory_bytes"],
+            **timing(dit, num_frames, pixel_frames),
             "flops": dit["flops"],
             "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak_tflops * 1e12),
         },
-        "end_to_end": {
-            "total_s": e2e["total_s"],
-            "latent_frames_per_s": num_frames / e2e["total_s"],
-            "pixel_frames_per_s": pixel_frames / e2e["total_s"],
-            "first_block_latency_s": e2e["first_block_latency_s"],
-            "peak_memory_bytes": e2e["peak_memory_bytes"],
-        },
+        "end_to_end": timing(e2e, num_frames, pixel_frames),
     }
 
 

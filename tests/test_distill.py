@@ -91,8 +91,8 @@ def test_one_iteration_of_each_loss(teacher_file):
         assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
 
 
-def test_dmd_gradient_points_from_real_to_fake(teacher_file):
-    """With the critic equal to the guidance-free teacher, the DMD gradient is the (normalised) guidance term."""
+def test_dmd_gradient_vanishes_when_the_critic_equals_the_teacher(teacher_file):
+    """Critic and teacher start from the same weights; without guidance fake == real, so there is nothing to learn."""
     task = make_task(teacher_file, dmd={"guidance": 0.0})
     x = torch.randn(2, 9, 12, 4, 4)
     cond, uncond = task.encode_text(["a red circle moving left on a gray background"] * 2)

@@ -25,16 +25,22 @@ import torch
 NOISE_KINDS = ("init", "renoise", "context")
 
 
+def derived_seed(*parts) -> int:
+    """63 bits of sha256("part/part/..."): the one way seeds are derived (noise addresses, training draws), the same in
+    every process for the same parts."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class NoiseBank:
     def __init__(self, seed: int):
         self.seed = int(seed)
 
     def address_seed(self, kind: str, step: int, block: int) -> int:
-        """The generator seed of one address: 63 bits of sha256("seed/kind/step/block")."""
+        """The generator seed of one address: derived_seed(seed, kind, step, block)."""
         if kind not in NOISE_KINDS:
             raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
-        digest = hashlib.sha256(f"{self.seed}/{kind}/{int(step)}/{int(block)}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        return derived_seed(self.seed, kind, int(step), int(block))
 
     def noise(self, kind: str, step: int, block: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(self.address_seed(kind, step, block))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 from pathlib import Path
 
 import hydra
@@ -37,7 +36,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
 from src.models.wan import WanDiT
-from src.sampling.noise import NoiseBank
+from src.sampling.noise import NoiseBank, derived_seed
 from src.sampling.schedules import SamplerConfig, sample
 from src.schedule import add_noise, sample_training_timesteps, x0_from_velocity
 from src.training.teacher import model_config, plain
@@ -56,12 +55,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
-
-
-def derived_seed(*parts) -> int:
-    """A 63-bit seed from any parts (identical on every rank for identical parts)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class SampleNoise:

@@ -25,9 +25,10 @@ import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from src.sampling.noise import derived_seed
 from src.sampling.ode import sample_ode
 from src.schedule import euler_grid
-from src.training.distill import derived_seed, load_world_model
+from src.training.distill import load_world_model
 from src.training.teacher import plain
 
 SHARD_PATTERN = "ode-{:06d}.tar"
