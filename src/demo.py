@@ -10,7 +10,9 @@ printing the paths of the videos and the report, and the seconds each stage took
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +31,14 @@ def run(stage: str, args: list[str], timings: dict) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
     timings[stage] = round(time.perf_counter() - start, 1)
     print(f"=== {stage} done in {timings[stage]} s", flush=True)
+
+
+def stale_artifacts(artifacts: Path, teacher: Path) -> bool:
+    """True if artifacts exist that another teacher made (artifacts/teacher.sha256 records the one that made them)."""
+    stamp = artifacts / "teacher.sha256"
+    if not artifacts.exists() or not any(artifacts.iterdir()):
+        return False
+    return not stamp.exists() or stamp.read_text().strip() != hashlib.sha256(teacher.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,6 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
         run("teacher_export", ["-m", "src.training.teacher", "--export-latest", str(out / "logs"), str(teacher)],
             timings)
 
+    if args.fresh or stale_artifacts(artifacts, teacher):
+        print(f"recomputing every stage: clearing {artifacts}" + ("" if args.fresh else " (made with another teacher)"))
+        shutil.rmtree(artifacts, ignore_errors=True)  # the ODE-pair stage resumes from existing shards otherwise
+        args.fresh = True
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "teacher.sha256").write_text(hashlib.sha256(teacher.read_bytes()).hexdigest())
     if args.fresh or not any((artifacts / "ode_pairs").glob("ode-*.tar")):
         run("ode_pairs", ["-m", "src.train", "experiment=ode_pairs", *common], timings)
     if args.fresh or not (artifacts / "ode_init.safetensors").exists():

@@ -46,6 +46,16 @@ def test_a_few_steps_lower_the_loss():
     assert fixed_loss() < 0.8 * before
 
 
+def test_training_noise_levels_follow_the_sampler_shift():
+    torch.manual_seed(0)
+    unshifted = tiny_task().sample_timesteps(20_000) / 1000
+    shifted = tiny_task(timestep_shift=8.0).sample_timesteps(20_000) / 1000
+    assert abs(unshifted.median() - 0.5) < 0.02  # logit-normal(0, 1): median sigma 1/2
+    assert abs(shifted.median() - 8 * 0.5 / (1 + 7 * 0.5)) < 0.02  # the shift maps the median like the sampler's grid
+    band = lambda s: ((s > 0.93) & (s < 0.99)).float().mean()  # where the prompted direction is decided
+    assert band(unshifted) < 0.01 and band(shifted) > 0.25
+
+
 def test_ode_sampler_is_seeded_and_returns_states():
     task = tiny_task()
     model = task.model.eval()

@@ -10,6 +10,9 @@ from src.worlds.toy.data import ToyVideoDataModule, from_uint8, shard_paths, sha
 from src.worlds.toy.oracle import score_video, score_videos
 from src.worlds.toy.shapes import (
     BACKGROUND_COLORS,
+    DIRECTIONS,
+    FIRST_LEG_FRAMES,
+    SPEED_RANGE,
     TRAIN_ATTRIBUTES,
     all_attributes,
     heldout_prompts,
@@ -18,6 +21,7 @@ from src.worlds.toy.shapes import (
     render_video,
     sample_attributes,
     to_signed,
+    trajectory,
 )
 from src.worlds.toy.text import ToyTextEncoder
 
@@ -49,6 +53,18 @@ def test_render_video_is_seeded_moves_and_stays_in_range():
     assert render_video(ATTRS, 5, 32, 24, seed=0).shape == (5, 3, 32, 24)
 
 
+@pytest.mark.parametrize("attrs", all_attributes()[::7])
+def test_first_leg_moves_the_prompted_way_then_walls_reflect(attrs):
+    dx, dy = DIRECTIONS[attrs["direction"]]
+    axis, sense = (0, dx) if dx else (1, dy)
+    for seed in range(5):
+        path = trajectory(attrs, 81, 16, 16, seed)
+        steps = np.diff(path[:, axis])
+        assert (np.sign(steps[: FIRST_LEG_FRAMES - 1]) == sense).all()  # the 5 s clip never bounces
+        assert (np.sign(steps) == -sense).any()  # the 20 s video does
+        assert (np.abs(steps) >= SPEED_RANGE[0] - 1e-9).sum() >= 70 and np.abs(steps).max() <= SPEED_RANGE[1] + 1e-9
+
+
 def test_shards_round_trip(tmp_path):
     paths = write_shards(tmp_path, num_videos=6, num_frames=9, seed=1, videos_per_shard=2)
     assert len(paths) == 3 == len(shard_paths(tmp_path))
@@ -69,6 +85,9 @@ def test_datamodule_writes_then_reads_shards_and_renders_on_the_fly(tmp_path):
     module.prepare_data()
     batches = list(module.train_dataloader())
     assert len(batches) == 3 and batches[0]["video"].shape == (2, 6, 3, 16, 16)
+    wrong_length = ToyVideoDataModule(shard_dir=str(tmp_path / "shards"), num_frames=9)
+    with pytest.raises(ValueError, match="do not match this toy world.*num_frames"):
+        wrong_length.prepare_data()  # shards of another clip length (or generator version) are refused, not used
     procedural = ToyVideoDataModule(source="procedural", num_frames=6, batch_size=3)
     assert next(iter(procedural.train_dataloader()))["video"].shape == (3, 6, 3, 16, 16)
 
@@ -86,7 +105,7 @@ def test_oracle_is_perfect_on_ground_truth(num_frames):
     assert scores["fidelity"] == scores["object_found"] == scores["direction_agreement"] == 1.0
     assert scores["smoothness"] == 1.0 and scores["dynamic"] == 1.0
     assert scores["object_color_error"] < 0.01 and scores["background_color_error"] < 0.01
-    assert 0.5 <= scores["motion"] <= 1.0
+    assert 0.9 * SPEED_RANGE[0] <= scores["motion"] <= 1.1 * SPEED_RANGE[1]
     assert all(len(v) == 5 for v in scores["segments"].values())
     assert abs(scores["drift"]["fidelity"]["slope"]) < 1e-9 and scores["drift"]["object_found"]["first_last"] == 0
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_dit, save_dit
 from src.models.wan import WanConfig, WanDiT
-from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise
+from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 
 
 def plain(node) -> dict:
@@ -46,6 +46,7 @@ class TeacherTask(L.LightningModule):
         text_dropout: float = 0.1,
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
+        timestep_shift: float = 1.0,
         clip_frames: list[int] | None = None,
     ):
         super().__init__()
@@ -56,6 +57,7 @@ class TeacherTask(L.LightningModule):
             {"model": model, "text_encoder": text_encoder, "codec": codec, "negative_prompt": negative_prompt,
              "lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps,
              "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
+             "timestep_shift": timestep_shift,
              "clip_frames": list(clip_frames) if clip_frames else None}
         )
         self.model = WanDiT(model_config(model))
@@ -63,9 +65,13 @@ class TeacherTask(L.LightningModule):
         self.codec = hydra.utils.instantiate(codec)
 
     def sample_timesteps(self, batch: int) -> torch.Tensor:
-        """Logit-normal noise levels (SD3): sigma = sigmoid(N(mean, std)); a negative mean weights low noise more."""
+        """Logit-normal noise levels (SD3), then shifted as the sampler's grid is: sigma = shift(sigmoid(N(mean, std))).
+
+        The shift should match the sampler's: high noise levels are where the prompt decides the motion, and a shifted
+        sampler spends most of its steps there.
+        """
         normal = torch.randn(batch, device=self.device) * self.hparams.logit_std + self.hparams.logit_mean
-        return torch.sigmoid(normal) * NUM_TRAIN_TIMESTEPS
+        return shift_sigma(torch.sigmoid(normal), self.hparams.timestep_shift) * NUM_TRAIN_TIMESTEPS
 
     def flow_matching_loss(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         clip_frames = self.hparams.clip_frames

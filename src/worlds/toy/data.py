@@ -1,6 +1,8 @@
 """Toy-world videos as webdataset shards (written by one command) and a datamodule that reads them or renders on the fly.
 
 Write:  python -m src.worlds.toy.data --out data/toy_videos --num-videos 8000 --frames 21
+The folder's `manifest.json` records how the shards were made (generator fingerprint, frames, size); the datamodule
+refuses shards whose generator or shape differ from what it was asked for.
 A sample is `<key>.npy` (uint8 video [T, 3, H, W]), `<key>.json` (attributes, seed, prompt) and `<key>.txt` (prompt).
 Batches are {"video": float [B, T, 3, H, W] in [-1, 1], "prompt": list[str]}.
 """
@@ -18,9 +20,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
+from src.worlds.toy.shapes import generator_fingerprint, prompt_from_attributes, render_video, sample_attributes
 
 SHARD_PATTERN = "toy-%06d.tar"
+MANIFEST = "manifest.json"
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -51,7 +54,24 @@ def write_shards(out_dir: str | Path, num_videos: int, num_frames: int = 21, hei
             sample = random_sample(rng, num_frames, height, width)
             meta = {**sample["attrs"], "seed": sample["seed"], "prompt": sample["prompt"]}
             sink.write({"__key__": f"{index:08d}", "npy": to_uint8(sample["video"]), "json": meta, "txt": sample["prompt"]})
+    manifest = {"generator": generator_fingerprint(), "num_videos": num_videos, "num_frames": num_frames,
+                "height": height, "width": width, "seed": seed}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return shard_paths(out_dir)
+
+
+def check_shards(shard_dir: str | Path, num_frames: int, height: int, width: int) -> None:
+    """Raise if the shards in shard_dir come from another generator version or have another clip shape."""
+    path = Path(shard_dir) / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    expected = {"generator": generator_fingerprint(), "num_frames": num_frames, "height": height, "width": width}
+    wrong = {k: manifest.get(k) for k, v in expected.items() if manifest.get(k) != v}
+    if wrong:
+        raise ValueError(
+            f"the shards in {shard_dir} do not match this toy world: expected {expected}, the manifest has "
+            f"{wrong if manifest else 'nothing (no ' + MANIFEST + ')'}; delete that folder to re-render it, or set "
+            "data.shard_dir to another one"
+        )
 
 
 def shard_paths(shard_dir: str | Path) -> list[str]:
@@ -102,7 +122,11 @@ class ToyVideoDataModule(L.LightningDataModule):
 
     def prepare_data(self):
         hp = self.hparams
-        if hp.source == "shards" and not shard_paths(hp.shard_dir):
+        if hp.source != "shards":
+            return
+        if shard_paths(hp.shard_dir):
+            check_shards(hp.shard_dir, hp.num_frames, hp.height, hp.width)
+        else:
             write_shards(hp.shard_dir, hp.num_videos, hp.num_frames, hp.height, hp.width, seed=hp.seed)
 
     def setup(self, stage: str):

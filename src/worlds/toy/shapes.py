@@ -1,14 +1,19 @@
 """Procedural text-to-video data: one soft-edged shape bouncing on a flat background, and its plain-English prompt.
 
 Attributes are what the prompt says: {"shape", "color", "background", "direction"}. The seed passed to
-`render_video` picks what it does not say (start position, speed). The object starts in the half of the frame behind
-its direction of motion, so the first leg of every video moves the prompted way; walls reflect it, so long videos keep
-moving. Pixels are [T, 3, H, W] in [-1, 1].
+`render_video` picks what it does not say (start position, speed). The object starts near the wall behind its direction
+of motion, slow enough that its first FIRST_LEG_FRAMES frames (the 5 s protocol) move the prompted way without a
+bounce; walls reflect it afterwards, so long videos keep moving. A clip of the 5 s protocol therefore shows one motion
+per prompt: the Wan DiT has only relative (RoPE) positions, so it can learn "right means every step goes right" but
+hardly "right until an invisible wall" (a teacher trained on bouncing 21-frame clips ignored the direction word).
+Pixels are [T, 3, H, W] in [-1, 1].
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import re
 
@@ -38,7 +43,8 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 REFERENCE_SIZE = 16  # radius and speed below are in pixels of a 16 x 16 frame and scale with the frame
 RADIUS = 3.0  # every shape has the area of a circle of this radius
-SPEED_RANGE = (0.5, 1.0)  # pixels per frame
+SPEED_RANGE = (0.3, 0.5)  # pixels per frame; the top is lowered per shape so the first leg fits
+FIRST_LEG_FRAMES = 21  # frames from the start that never bounce
 SUPERSAMPLING = 4  # coverage samples per pixel side (anti-aliased edges)
 NUM_HELDOUT = 48
 HELDOUT_SEED = 20240601
@@ -50,6 +56,13 @@ WORDS = sorted(
     | set(DIRECTIONS)
     | {w for name in list(OBJECT_COLORS) + list(BACKGROUND_COLORS) for w in name.split()}
 )
+
+
+def generator_fingerprint() -> str:
+    """A short hash of every constant that shapes a rendered video: shards record it, readers check it."""
+    constants = [SHAPES, OBJECT_COLORS, BACKGROUND_COLORS, DIRECTIONS, REFERENCE_SIZE, RADIUS, SPEED_RANGE,
+                 FIRST_LEG_FRAMES, SUPERSAMPLING]
+    return hashlib.sha256(json.dumps(constants, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def to_signed(rgb) -> torch.Tensor:
@@ -154,16 +167,18 @@ def trajectory(attrs: dict, num_frames: int, height: int, width: int, seed: int)
     if left + right >= width or up + down >= height:
         raise ValueError(f"a {height}x{width} frame is too small for the shapes")
     rng = np.random.default_rng(seed)
-    speed = rng.uniform(*SPEED_RANGE) * scale
     lows, highs = np.array([left, up]), np.array([width - right, height - down])
+    axis = 0 if DIRECTIONS[attrs["direction"]][0] != 0 else 1
+    span = highs[axis] - lows[axis]
+    top_speed = min(SPEED_RANGE[1] * scale, span / (FIRST_LEG_FRAMES - 1))
+    speed = rng.uniform(SPEED_RANGE[0] * scale, top_speed)
     velocity = np.array(DIRECTIONS[attrs["direction"]], dtype=np.float64) * speed
     start = rng.uniform(lows, highs)
-    axis = 0 if velocity[0] != 0 else 1
-    half = (highs[axis] - lows[axis]) / 2  # start behind the middle so the first leg runs the prompted way
+    slack = span - (FIRST_LEG_FRAMES - 1) * speed  # room to start in without reaching the far wall in the first leg
     if velocity[axis] > 0:
-        start[axis] = rng.uniform(lows[axis], lows[axis] + half)
+        start[axis] = lows[axis] + rng.uniform(0, slack)
     else:
-        start[axis] = rng.uniform(highs[axis] - half, highs[axis])
+        start[axis] = highs[axis] - rng.uniform(0, slack)
     straight = start[None, :] + np.arange(num_frames)[:, None] * velocity[None, :]
     return np.stack([_reflect(straight[:, i], lows[i], highs[i]) for i in range(2)], axis=1)
 
