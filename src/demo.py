@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from src.training.teacher import export_teacher
+
 ROOT = Path(__file__).resolve().parents[1]
 # Stage sizes that keep the chain within ~10 minutes on 2 CPU cores (the world's defaults are the ablation's sizes);
 # overrides given on the command line come later and win.
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not teacher.exists():
         print(f"{teacher} is missing: training the toy teacher first (see experiments/teacher_toy/README.md)")
         run("teacher", ["-m", "src.train", "experiment=teacher_toy", *common], timings)
-        run("teacher_export", ["-m", "src.training.teacher", "--export-latest", str(out / "logs"), str(teacher)],
-            timings)
+        checkpoints = sorted((out / "logs" / "teacher_toy" / "runs").glob("*/checkpoints/last.ckpt"))
+        export_teacher(checkpoints[-1], teacher)  # the newest run's EMA weights
 
     if args.fresh or stale_artifacts(artifacts, teacher):
         print(f"recomputing every stage: clearing {artifacts}" + ("" if args.fresh else " (made with another teacher)"))

@@ -104,6 +104,8 @@ def test_training_resumes_from_its_checkpoint_and_exports(tmp_path):
     raw = {k[len("model."):]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("model.")}
     assert teacher.cfg.dim == 32 and all(torch.equal(v, ema[k]) for k, v in teacher.state_dict().items())
     assert not all(torch.equal(v, raw[k]) for k, v in teacher.state_dict().items())  # EMA, not the raw weights
+    from_checkpoint = load_teacher(last)  # the same EMA weights, read straight from the Lightning checkpoint
+    assert all(torch.equal(v, ema[k]) for k, v in from_checkpoint.state_dict().items())
 
 
 def test_hydra_experiment_composes_and_trains(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.schedule import add_noise
-from src.training.teacher import export_teacher, load_teacher
+from src.training.teacher import load_teacher
 from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
 
 WORLD_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "world" / "toy.yaml"
@@ -56,19 +55,13 @@ def probe(model, timesteps: list[int], num_videos: int = 32, num_frames: int = 2
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help="safetensors written by save_teacher/export_teacher")
-    source.add_argument("--checkpoint", help="Lightning checkpoint (its EMA state_dict is probed)")
+    parser.add_argument("--teacher", required=True, help="safetensors from export_teacher, or a teacher_toy .ckpt (EMA)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[900, 960, 985])
     parser.add_argument("--videos", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        with tempfile.TemporaryDirectory() as tmp:
-            model = load_teacher(export_teacher(args.checkpoint, Path(tmp) / "teacher.safetensors"))
-    else:
-        model = load_teacher(args.teacher)
+    model = load_teacher(args.teacher)
     print(json.dumps(probe(model, args.timesteps, args.videos), indent=1))
 
 

@@ -2,14 +2,13 @@
 
 python experiments/teacher_toy/evaluate.py --teacher assets/toy_teacher.safetensors --prompts 32 --seeds 2 \
     --out experiments/teacher_toy/results.json
-(--checkpoint CKPT evaluates the EMA weights of a Lightning checkpoint instead, without exporting.)
+(--teacher also takes a teacher_toy Lightning checkpoint: its EMA weights are evaluated, without exporting.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.sampling.ode import sample_videos
-from src.training.teacher import export_teacher, load_teacher
+from src.training.teacher import load_teacher
 from src.worlds.toy.oracle import score_video, score_videos
 from src.worlds.toy.shapes import heldout_prompts
 
@@ -47,9 +46,7 @@ def evaluate(model, prompts: list[str], seeds: list[int], num_frames: int, batch
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help="safetensors written by save_teacher/export_teacher")
-    source.add_argument("--checkpoint", help="Lightning checkpoint (its EMA state_dict is evaluated)")
+    parser.add_argument("--teacher", required=True, help="safetensors from export_teacher, or a teacher_toy .ckpt (EMA)")
     parser.add_argument("--prompts", type=int, default=32, help="how many held-out prompts")
     parser.add_argument("--seeds", type=int, default=2, help="videos per prompt")
     parser.add_argument("--frames", type=int, default=21)
@@ -61,11 +58,7 @@ def main():
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        with tempfile.TemporaryDirectory() as tmp:
-            model = load_teacher(export_teacher(args.checkpoint, Path(tmp) / "teacher.safetensors"))
-    else:
-        model = load_teacher(args.teacher)
+    model = load_teacher(args.teacher)
     started = time.time()
     results = evaluate(model, heldout_prompts(args.prompts), list(range(args.seeds)), args.frames, args.batch_size,
                        num_steps=args.steps, shift=args.shift, guidance_scale=args.cfg)
