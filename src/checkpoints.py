@@ -132,7 +132,8 @@ def _pick_training_entry(obj: dict, which: str, path: Path) -> dict:
     if "state_dict" in obj:  # Lightning checkpoint: submodules are attributes of the LightningModule
         state = obj["state_dict"]
         prefixes = sorted({k.split(".", 1)[0] for k in state})
-        prefix = ("generator_ema" if "generator_ema" in prefixes else "generator") if which == "auto" else which
+        auto = next((p for p in ("generator_ema", "generator", "model") if p in prefixes), "generator")
+        prefix = auto if which == "auto" else which  # "model": a teacher checkpoint (its state_dict holds the EMA)
         if prefix not in prefixes:
             raise CheckpointError(f"{path}: no '{prefix}' weights in this Lightning checkpoint (has {prefixes})")
         return strip_training_prefixes({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})
@@ -180,8 +181,9 @@ def read_state_dict(source: str | Path, which: str = "auto") -> tuple[dict, WanC
             raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
         state = _pick_training_entry(obj, which, path)
         hparams = obj.get("hyper_parameters", {})
-        if isinstance(hparams.get("model_config"), dict):
-            config = WanConfig.from_dict(hparams["model_config"])
+        model_hparams = hparams.get("model_config", hparams.get("model"))  # distillation / teacher tasks
+        if isinstance(model_hparams, dict):
+            config = WanConfig.from_dict(model_hparams)
     else:
         raise CheckpointError(f"{path}: unsupported checkpoint type (use .safetensors, .pt, .pth, .ckpt or a folder)")
     if any(k.startswith(("condition_embedder.", "proj_out.")) for k in state):

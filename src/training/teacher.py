@@ -99,18 +99,9 @@ class TeacherTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def teacher_from_checkpoint(checkpoint_path: str | Path) -> WanDiT:
-    """The EMA weights of a TeacherTask Lightning checkpoint (its state_dict holds them) as a WanDiT."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = WanDiT(model_config(checkpoint["hyper_parameters"]["model"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model
-
-
 def export_teacher(checkpoint_path: str | Path, out_path: str | Path) -> Path:
     """Lightning checkpoint (EMA weights in its state_dict) -> safetensors with {"config": WanConfig json} metadata."""
-    return save_teacher(teacher_from_checkpoint(checkpoint_path), out_path)
+    return save_teacher(load_dit(checkpoint_path), out_path)
 
 
 def save_teacher(model: WanDiT, out_path: str | Path) -> Path:
@@ -119,9 +110,5 @@ def save_teacher(model: WanDiT, out_path: str | Path) -> Path:
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> WanDiT:
-    """A frozen WanDiT in eval mode from a TeacherTask `.ckpt` or any checkpoint `src.checkpoints.load_dit` reads."""
-    if Path(path).suffix == ".ckpt" and "hyper_parameters" in torch.load(path, map_location="cpu", weights_only=True):
-        model = teacher_from_checkpoint(path).to(device)
-    else:
-        model = load_dit(path, device=device)
-    return model.eval().requires_grad_(False)
+    """A frozen WanDiT in eval mode from a TeacherTask `.ckpt` (its EMA weights) or any checkpoint `load_dit` reads."""
+    return load_dit(path, device=device).eval().requires_grad_(False)
