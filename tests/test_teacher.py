@@ -113,7 +113,8 @@ def test_hydra_experiment_composes_and_trains(tmp_path):
         "experiment=teacher_toy",
         *[f"world.teacher.{k}={v}" for k, v in
           {"dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_heads": 2, "num_layers": 1}.items()],
-        "data.source=procedural", "data.batch_size=2", "data.num_frames=5", "task.clip_frames=[3,5]",
+        "data.source=procedural", "data.batch_size=2", "data.num_frames=5", "data.warmup_frames=3",
+        "task.clip_frames=[3,5]",
         "trainer.max_steps=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", f"paths.data_dir={tmp_path}/data",

@@ -21,6 +21,7 @@ from src.worlds.toy.shapes import (
     render_video,
     sample_attributes,
     to_signed,
+    training_attributes,
     trajectory,
 )
 from src.worlds.toy.text import ToyTextEncoder
@@ -90,6 +91,41 @@ def test_datamodule_writes_then_reads_shards_and_renders_on_the_fly(tmp_path):
         wrong_length.prepare_data()  # shards of another clip length (or generator version) are refused, not used
     procedural = ToyVideoDataModule(source="procedural", num_frames=6, batch_size=3)
     assert next(iter(procedural.train_dataloader()))["video"].shape == (3, 6, 3, 16, 16)
+
+
+WARMUP = {"shape": "circle", "color": "red", "background": "black"}
+
+
+def test_sample_attributes_holds_fixed_attributes_and_refuses_impossible_ones():
+    rng = np.random.default_rng(0)
+    drawn = [sample_attributes(rng, WARMUP) for _ in range(64)]
+    assert all({k: a[k] for k in WARMUP} == WARMUP for a in drawn)
+    assert {a["direction"] for a in drawn} == set(DIRECTIONS)  # the direction still varies
+    assert len(training_attributes({"color": "red"})) == len([a for a in TRAIN_ATTRIBUTES if a["color"] == "red"])
+    with pytest.raises(ValueError, match="unknown attributes"):
+        sample_attributes(rng, {"colour": "red"})
+    heldout = parse_prompt(heldout_prompts(1)[0])
+    with pytest.raises(ValueError, match="no training attribute combination"):
+        training_attributes(heldout)  # a held-out combination is never trained on
+
+
+def _attributes_of(batch) -> list[dict]:
+    return [{k: v for k, v in parse_prompt(p).items() if k != "direction"} for p in batch["prompt"]]
+
+
+def test_warmup_world_comes_first_once_and_is_not_repeated_on_resume():
+    module = ToyVideoDataModule(source="procedural", num_frames=5, batch_size=8, batches_per_epoch=3,
+                                warmup_batches=4, warmup_attributes=WARMUP, warmup_frames=3)
+    loader = module.train_dataloader()
+    batches = list(loader) + list(loader)  # two epochs of 3 batches: the warm-up spans the first 4, once
+    assert [all(a == WARMUP for a in _attributes_of(b)) for b in batches] == [True] * 4 + [False] * 2
+    assert [b["video"].shape[1] for b in batches] == [3] * 4 + [5] * 2
+    module.trainer = type("Resumed", (), {"global_step": 3})()  # a run resumed after 3 optimizer steps
+    assert [all(a == WARMUP for a in _attributes_of(b)) for b in module.train_dataloader()] == [True, False, False]
+    with pytest.raises(ValueError, match="no training attribute combination"):
+        ToyVideoDataModule(source="procedural", warmup_batches=1, warmup_attributes={**WARMUP, "color": "beige"})
+    with pytest.raises(ValueError, match="warmup_frames"):
+        ToyVideoDataModule(source="procedural", num_frames=5, warmup_batches=1, warmup_frames=9)
 
 
 def _scalars(scores):

@@ -1,9 +1,13 @@
-"""Can a toy DiT learn the direction word? Train from scratch in a plain loop and print, every 200 steps, the loss at
-high noise with the right / opposite direction word (same clips, same noise).
+"""Can a toy DiT learn the direction word? Train in a plain loop and print, every 200 steps, the loss at high noise
+with the right / opposite direction word (same clips, same noise). The README's trials (~3 min each on 2 cores):
 
-python experiments/teacher_toy/direction_learnability.py --world one --frames 9            # direction-only world
-python experiments/teacher_toy/direction_learnability.py --world all --frames 13 --steps 700
-python experiments/teacher_toy/direction_learnability.py --world all --frames 9 --width 256 --steps 1000
+D=experiments/teacher_toy/direction_learnability.py
+python $D --world one --frames 9 --save one600.pt          # direction-only world: a gap from step 400
+python $D --world one --frames 9 --seed 1                  # another seed: a gap by step 600
+python $D --world one --frames 21                          # 21-frame clips: no gap by step 600
+python $D --world color --frames 9                         # colour varies too: no gap (likewise background; shape: a gap)
+python $D --world all --frames 9 --init one600.pt --steps 1000   # the full world after the warm-up: a wide gap
+python $D --world all --frames 13 --steps 700              # the full world from scratch: no gap
 "one": a red circle on black, only the direction varies; "all": every training attribute varies.
 """
 
@@ -19,38 +23,48 @@ from omegaconf import OmegaConf
 
 from src.schedule import add_noise
 from src.training.teacher import TeacherTask
-from src.worlds.toy.shapes import DIRECTIONS, prompt_from_attributes, render_video, sample_attributes
+from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 ONE = {"shape": "circle", "color": "red", "background": "black"}
 
 
-def attributes(rng: np.random.Generator, world: str) -> dict:
-    return sample_attributes(rng) if world == "all" else {**ONE, "direction": list(DIRECTIONS)[rng.integers(4)]}
+def attributes(rng: np.random.Generator, vary: set[str]) -> dict:
+    """A training attribute set in which only the attributes in `vary` differ from ONE (and the direction)."""
+    sampled = sample_attributes(rng)
+    return {**{k: (sampled[k] if k in vary else v) for k, v in ONE.items()}, "direction": sampled["direction"]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", choices=["one", "all"], default="one")
+    parser.add_argument("--world", default="one",
+                        help="'one', 'all', or the attributes that vary besides the direction, e.g. 'color,shape'")
+    parser.add_argument("--init", type=Path, help="start from these weights (a state dict saved by --save)")
+    parser.add_argument("--save", type=Path, help="save the final weights here")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--shift", type=float, default=8.0, help="training timestep shift")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     world = OmegaConf.load(CONF / "world" / "toy.yaml")
     model = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "toy.yaml"))
     model.update(dim=args.width, ffn_dim=4 * args.width)
+    vary = set(ONE) if args.world == "all" else set() if args.world == "one" else set(args.world.split(","))
+    if not vary <= set(ONE):
+        raise SystemExit(f"--world: unknown attributes {sorted(vary - set(ONE))}; choose from {sorted(ONE)}")
     task = TeacherTask(model=model, text_encoder=OmegaConf.to_container(world.text_encoder),
                        codec=OmegaConf.to_container(world.codec), timestep_shift=args.shift)
+    if args.init:
+        task.model.load_state_dict(torch.load(args.init, weights_only=True))
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
 
     probe_rng = np.random.default_rng(123)
-    probe_attrs = ([{**ONE, "direction": d} for d in DIRECTIONS for _ in range(8)] if args.world == "one"
-                   else [sample_attributes(probe_rng) for _ in range(32)])
+    probe_attrs = [attributes(probe_rng, vary) for _ in range(32)]
     x0 = task.codec.encode(torch.stack([render_video(a, args.frames, seed=i) for i, a in enumerate(probe_attrs)]))
     right, _ = task.text_encoder.encode([prompt_from_attributes(a) for a in probe_attrs])
     opposite, _ = task.text_encoder.encode(
@@ -67,10 +81,10 @@ def main():
             out.append(f"t{level} right/opposite {losses[0]:.4f}/{losses[1]:.4f}")
         return "  ".join(out)
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     start = time.time()
     for step in range(1, args.steps + 1):
-        attrs = [attributes(rng, args.world) for _ in range(16)]
+        attrs = [attributes(rng, vary) for _ in range(16)]
         pixels = torch.stack([render_video(a, args.frames, seed=int(rng.integers(1 << 30))) for a in attrs])
         loss = task.flow_matching_loss(pixels, [prompt_from_attributes(a) for a in attrs])
         optimizer.zero_grad()
@@ -79,6 +93,8 @@ def main():
         optimizer.step()
         if step % 200 == 0:
             print(f"step {step} ({time.time() - start:.0f} s) loss {loss.item():.3f}  {probe()}", flush=True)
+    if args.save:
+        torch.save(task.model.state_dict(), args.save)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,15 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from src.worlds.toy.shapes import generator_fingerprint, prompt_from_attributes, render_video, sample_attributes
+from src.worlds.toy.shapes import (
+    generator_fingerprint,
+    prompt_from_attributes,
+    render_video,
+    sample_attributes,
+    training_attributes,
+)
 
 SHARD_PATTERN = "toy-%06d.tar"
 MANIFEST = "manifest.json"
@@ -34,8 +40,8 @@ def from_uint8(video) -> torch.Tensor:
     return torch.as_tensor(video).float() / 127.5 - 1
 
 
-def random_sample(rng: np.random.Generator, num_frames: int, height: int, width: int) -> dict:
-    attrs = sample_attributes(rng)
+def random_sample(rng: np.random.Generator, num_frames: int, height: int, width: int, fixed: dict | None = None) -> dict:
+    attrs = sample_attributes(rng, fixed)
     seed = int(rng.integers(2**31))
     return {"attrs": attrs, "seed": seed, "prompt": prompt_from_attributes(attrs),
             "video": render_video(attrs, num_frames, height, width, seed)}
@@ -95,29 +101,70 @@ def shard_pipeline(urls: list[str], batch_size: int, shuffle_buffer: int = 1000,
 
 
 class ProceduralVideos(IterableDataset):
-    """Endless freshly rendered batches; rank and worker get disjoint seeds."""
+    """Endless freshly rendered batches (of the attributes that agree with `fixed`); rank and worker get disjoint seeds."""
 
-    def __init__(self, batch_size: int, num_frames: int, height: int, width: int, seed: int = 0):
+    def __init__(self, batch_size: int, num_frames: int, height: int, width: int, seed: int = 0,
+                 fixed: dict | None = None):
         self.batch_size, self.num_frames, self.height, self.width, self.seed = batch_size, num_frames, height, width, seed
+        self.fixed = dict(fixed) if fixed else None
+        sample_attributes(np.random.default_rng(0), self.fixed)  # a bad `fixed` fails here, not in a worker
 
     def __iter__(self):
         worker = get_worker_info()
         rank = int(os.environ.get("RANK", 0))
         rng = np.random.default_rng([self.seed, rank, worker.id if worker else 0])
         while True:
-            samples = [random_sample(rng, self.num_frames, self.height, self.width) for _ in range(self.batch_size)]
+            samples = [random_sample(rng, self.num_frames, self.height, self.width, self.fixed)
+                       for _ in range(self.batch_size)]
             yield {"video": torch.stack([s["video"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
 
 
+class WarmupFirst(IterableDataset):
+    """`warmup` batches of `first`, then `then` for ever. The count is kept across epochs (the loader reuses this
+    object in its process, or in persistent workers) and split over the loader's workers as their batches interleave.
+    """
+
+    def __init__(self, first: IterableDataset, then: IterableDataset, warmup: int):
+        self.first, self.then, self.warmup = first, then, warmup
+        self.remaining = None
+
+    def __iter__(self):
+        if self.remaining is None:
+            worker = get_worker_info()
+            index, count = (worker.id, worker.num_workers) if worker else (0, 1)
+            self.remaining = len(range(index, self.warmup, count))  # batches index, index + count, ... are this one's
+        if self.remaining > 0:
+            for batch in self.first:
+                self.remaining -= 1
+                yield batch
+                if self.remaining == 0:
+                    break
+        yield from self.then
+
+
 class ToyVideoDataModule(L.LightningDataModule):
-    """source="shards": read (and, if absent, first write) webdataset shards; source="procedural": render on the fly."""
+    """source="shards": read (and, if absent, first write) webdataset shards; source="procedural": render on the fly.
+
+    A warm-up world comes first if warmup_batches > 0: that many batches of `warmup_frames`-frame videos rendered with
+    `warmup_attributes` held fixed (e.g. one colour, shape and background, so only the direction varies). A DiT
+    trained on the full world from scratch never learns the direction word; one that learns it in a warm-up of short
+    clips keeps it (experiments/teacher_toy). The warm-up counts optimizer steps, so a resumed run does not repeat it.
+    """
 
     def __init__(self, source: str = "shards", shard_dir: str = "data/toy_videos", num_videos: int = 8000,
                  num_frames: int = 21, height: int = 16, width: int = 16, batch_size: int = 16, num_workers: int = 0,
-                 shuffle_buffer: int = 1000, batches_per_epoch: int = 1000, seed: int = 0):
+                 shuffle_buffer: int = 1000, batches_per_epoch: int = 1000, seed: int = 0, warmup_batches: int = 0,
+                 warmup_attributes: dict | None = None, warmup_frames: int | None = None):
         super().__init__()
         if source not in ("shards", "procedural"):
             raise ValueError(f"source must be 'shards' or 'procedural', got {source!r}")
+        if warmup_batches < 0:
+            raise ValueError(f"warmup_batches must be >= 0, got {warmup_batches}")
+        if warmup_frames is not None and not 1 <= warmup_frames <= num_frames:
+            raise ValueError(f"warmup_frames must be in 1..num_frames ({num_frames}), got {warmup_frames}")
+        warmup_attributes = dict(warmup_attributes) if warmup_attributes else None
+        if warmup_batches and warmup_attributes:
+            training_attributes(warmup_attributes)  # unknown or held-out-only attributes fail now
         self.save_hyperparameters()
 
     def prepare_data(self):
@@ -138,12 +185,20 @@ class ToyVideoDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.source == "procedural":
             dataset = ProceduralVideos(hp.batch_size, hp.num_frames, hp.height, hp.width, seed=hp.seed)
-            return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)
-        urls = shard_paths(hp.shard_dir)
-        if not urls:
-            raise FileNotFoundError(f"no toy-*.tar shards in {hp.shard_dir}")
-        dataset = shard_pipeline(urls, hp.batch_size, hp.shuffle_buffer, seed=hp.seed)
-        return wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers).with_epoch(hp.batches_per_epoch)
+        else:
+            urls = shard_paths(hp.shard_dir)
+            if not urls:
+                raise FileNotFoundError(f"no toy-*.tar shards in {hp.shard_dir}")
+            dataset = shard_pipeline(urls, hp.batch_size, hp.shuffle_buffer, seed=hp.seed)
+        steps_done = self.trainer.global_step if self.trainer is not None else 0
+        warmup = max(0, hp.warmup_batches - steps_done)
+        if warmup:
+            first = ProceduralVideos(hp.batch_size, hp.warmup_frames or hp.num_frames, hp.height, hp.width,
+                                     seed=hp.seed + 1, fixed=hp.warmup_attributes)
+            dataset = WarmupFirst(first, dataset, warmup)
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers,
+                               persistent_workers=hp.num_workers > 0)
+        return loader.with_epoch(hp.batches_per_epoch)
 
 
 def main(argv: list[str] | None = None):

@@ -96,9 +96,22 @@ def heldout_prompts(n: int = 32) -> list[str]:
     return [prompt_from_attributes(a) for a in _HELDOUT[:n]]
 
 
-def sample_attributes(rng: np.random.Generator) -> dict:
-    """A training attribute combination (never a held-out one), uniformly."""
-    return dict(TRAIN_ATTRIBUTES[int(rng.integers(len(TRAIN_ATTRIBUTES)))])
+def training_attributes(fixed: dict | None = None) -> list[dict]:
+    """The training attribute combinations that agree with `fixed` (e.g. {"color": "red"}); raises if none does."""
+    fixed = fixed or {}
+    unknown = set(fixed) - {"shape", "color", "background", "direction"}
+    if unknown:
+        raise ValueError(f"unknown attributes {sorted(unknown)}; expected some of shape, color, background, direction")
+    matching = [a for a in TRAIN_ATTRIBUTES if all(a[k] == v for k, v in fixed.items())]
+    if not matching:
+        raise ValueError(f"no training attribute combination has {fixed} (unknown values, or all held out)")
+    return matching
+
+
+def sample_attributes(rng: np.random.Generator, fixed: dict | None = None) -> dict:
+    """A training attribute combination (never a held-out one), uniformly among those that agree with `fixed`."""
+    choices = training_attributes(fixed) if fixed else TRAIN_ATTRIBUTES
+    return dict(choices[int(rng.integers(len(choices)))])
 
 
 def validate_attributes(attrs: dict) -> dict:
