@@ -122,6 +122,13 @@ def test_warmup_world_comes_first_once_and_is_not_repeated_on_resume():
     assert [b["video"].shape[1] for b in batches] == [3] * 4 + [5] * 2
     module.trainer = type("Resumed", (), {"global_step": 3})()  # a run resumed after 3 optimizer steps
     assert [all(a == WARMUP for a in _attributes_of(b)) for b in module.train_dataloader()] == [True, False, False]
+    workers = ToyVideoDataModule(source="procedural", num_frames=5, batch_size=8, batches_per_epoch=4,
+                                 warmup_batches=3, warmup_attributes=WARMUP, num_workers=2)
+    # two workers interleave their batches (the first takes warm-up batches 0 and 2, the second batch 1) and, being
+    # persistent, remember across epochs that their warm-up is done
+    loader = workers.train_dataloader()
+    batches = list(loader) + list(loader)
+    assert [all(a == WARMUP for a in _attributes_of(b)) for b in batches] == [True] * 3 + [False] * 5
     with pytest.raises(ValueError, match="no training attribute combination"):
         ToyVideoDataModule(source="procedural", warmup_batches=1, warmup_attributes={**WARMUP, "color": "beige"})
     with pytest.raises(ValueError, match="warmup_frames"):
