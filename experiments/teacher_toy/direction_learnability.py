@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from direction_probe import OPPOSITE, velocity_loss  # this folder's probe (the script's folder is on sys.path)
 from omegaconf import OmegaConf
 
-from src.schedule import add_noise
 from src.training.teacher import TeacherTask
 from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 ONE = {"shape": "circle", "color": "red", "background": "black"}
 
 
@@ -73,13 +72,8 @@ def main():
 
     @torch.no_grad()
     def probe() -> str:
-        out = []
-        for level in (900, 960, 990):
-            t = torch.full((len(probe_attrs),), float(level))
-            losses = [((task.model(add_noise(x0, noise, t), t, c) - (noise - x0)) ** 2).mean().item()
-                      for c in (right, opposite)]
-            out.append(f"t{level} right/opposite {losses[0]:.4f}/{losses[1]:.4f}")
-        return "  ".join(out)
+        losses = {t: [velocity_loss(task.model, x0, noise, t, c) for c in (right, opposite)] for t in (900, 960, 990)}
+        return "  ".join(f"t{t} right/opposite {r:.4f}/{o:.4f}" for t, (r, o) in losses.items())
 
     rng = np.random.default_rng(args.seed)
     start = time.time()

@@ -2,6 +2,7 @@
 direction word, the empty prompt, and the clip played backwards, at fixed noise levels and the same noise.
 
 python experiments/teacher_toy/direction_probe.py --teacher assets/toy_teacher.safetensors --timesteps 900 960 985
+python experiments/teacher_toy/direction_probe.py --teacher CKPT --warmup-world    # clips of the warm-up world
 A teacher that ties the word to motion has a lower loss with the right word than with the opposite one at high noise,
 where the trajectory is decided; equal columns mean the word is ignored. Also printed, at t=900/960: how much the
 output moves (rms) when one attribute word is swapped, and the share of cross-attention each prompt word receives.
@@ -26,12 +27,19 @@ WORLD_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "world" / "toy.yam
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
+def velocity_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: int, context: torch.Tensor) -> float:
+    """The flow-matching loss (v = noise - x0) at one noise level for every clip of the batch, under `context`."""
+    t_batch = torch.full((len(x0),), float(t))
+    return ((model(add_noise(x0, noise, t_batch), t_batch, context) - (noise - x0)) ** 2).mean().item()
+
+
 @torch.no_grad()
-def probe(model, timesteps: list[int], num_videos: int = 32, num_frames: int = 21, seed: int = 1) -> dict:
+def probe(model, timesteps: list[int], num_videos: int = 32, num_frames: int = 21, seed: int = 1,
+          fixed: dict | None = None) -> dict:
     world = OmegaConf.load(WORLD_CONFIG)
     text_encoder, codec = hydra.utils.instantiate(world.text_encoder), hydra.utils.instantiate(world.codec)
     rng = np.random.default_rng(seed)
-    attrs = [sample_attributes(rng) for _ in range(num_videos)]
+    attrs = [sample_attributes(rng, fixed) for _ in range(num_videos)]
     x0 = codec.encode(torch.stack([render_video(a, num_frames, seed=i) for i, a in enumerate(attrs)]))
     prompts = {
         "right_word": [prompt_from_attributes(a) for a in attrs],
@@ -42,14 +50,8 @@ def probe(model, timesteps: list[int], num_videos: int = 32, num_frames: int = 2
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     results = {}
     for t in timesteps:
-        t_batch = torch.full((num_videos,), float(t))
-        row = {}
-        for name, context in contexts.items():
-            velocity = model(add_noise(x0, noise, t_batch), t_batch, context)
-            row[name] = ((velocity - (noise - x0)) ** 2).mean().item()
-        backwards = x0.flip(1)
-        velocity = model(add_noise(backwards, noise, t_batch), t_batch, contexts["right_word"])
-        row["played_backwards"] = ((velocity - (noise - backwards)) ** 2).mean().item()
+        row = {name: velocity_loss(model, x0, noise, t, context) for name, context in contexts.items()}
+        row["played_backwards"] = velocity_loss(model, x0.flip(1), noise, t, contexts["right_word"])
         results[str(t)] = row
     results["output_change_per_swap_t900"] = word_swaps(model, text_encoder, x0.shape, 900)
     results["cross_attention_share_t960"] = attention_shares(model, text_encoder, x0[:16], 960)
@@ -89,7 +91,8 @@ def attention_shares(model, text_encoder, x0, t: int) -> dict:
     hooks = [block.cross_attn.register_forward_pre_hook(capture) for block in model.blocks]
     try:
         t_batch = torch.full((len(x0),), float(t))
-        model(add_noise(x0, torch.randn_like(x0), t_batch), t_batch, context)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # seeded: the shares reproduce
+        model(add_noise(x0, noise, t_batch), t_batch, context)
     finally:
         for hook in hooks:
             hook.remove()
@@ -106,11 +109,17 @@ def main():
     parser.add_argument("--teacher", required=True, help="safetensors from export_teacher, or a teacher_toy .ckpt (EMA)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[900, 960, 985])
     parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--warmup-world", action="store_true",
+                        help="probe clips of conf/experiment/teacher_toy.yaml's warm-up world (its attributes, frames)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_teacher(args.teacher)
-    print(json.dumps(probe(model, args.timesteps, args.videos), indent=1))
+    world = {}
+    if args.warmup_world:
+        data = OmegaConf.load(WORLD_CONFIG.parents[1] / "experiment" / "teacher_toy.yaml").data
+        world = {"fixed": OmegaConf.to_container(data.warmup_attributes), "num_frames": data.warmup_frames}
+    print(json.dumps(probe(model, args.timesteps, args.videos, **world), indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ COLUMNS = [("fidelity", "fidelity"), ("direction_agreement", "direction"), ("obj
            ("object_color_error", "object colour err"), ("motion", "motion px/frame"),
            ("found_slope", "object found: slope"), ("found_first_last", "object found: last-first"),
            ("motion_slope", "motion: slope"), ("hiar_drift", "HiAR drift (sat., sharpness)")]
+SEGMENT_MEASURES = ("fidelity", "direction_agreement", "motion")
 
 
 def table(report: dict) -> tuple[list[dict], str]:
@@ -50,11 +51,22 @@ def table(report: dict) -> tuple[list[dict], str]:
             "found_first_last": drift.get("object_found", {}).get("first_last"),
             "motion_slope": drift.get("motion", {}).get("slope"),
             "hiar_drift": summary.get("drift"),
+            "segments": {m: oracle.get("segments", {}).get(m) for m in SEGMENT_MEASURES},
         })
     lines = ["| method | videos | " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
         lines.append("| " + " | ".join([r["method"], str(r["videos"])] + [_fmt(r[key]) for key, _ in COLUMNS]) + " |")
     return rows, "\n".join(lines)
+
+
+def segment_table(rows: list[dict]) -> str:
+    """Per 4 s segment of the 20 s videos: the oracle's fidelity, direction agreement and motion."""
+    lines = ["| method | " + " | ".join(f"{m} per segment" for m in SEGMENT_MEASURES) + " |",
+             "|" + "---|" * (len(SEGMENT_MEASURES) + 1)]
+    for r in rows:
+        cells = [" ".join(f"{v:.2f}" for v in r["segments"][m]) if r["segments"][m] else "n/a" for m in SEGMENT_MEASURES]
+        lines.append("| " + " | ".join([r["method"], *cells]) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:
@@ -92,6 +104,9 @@ def main(argv=None):
 
     report = json.loads((report_dir / "report.json").read_text())
     rows, markdown = table(report)
+    markdown += "\n\n" + segment_table(rows)
+    previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+    timings = {**previous.get("seconds", {}), **timings}  # a rerun that only re-tables keeps the stages' times
     (HERE / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings, "prompts": args.prompts,
                                                    "overrides": args.overrides}, indent=2))
     (HERE / "results.md").write_text(markdown + "\n")

@@ -41,6 +41,8 @@ BACKGROUND_COLORS = {
 # unit vectors in (x, y) pixel coordinates, y pointing down
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": OBJECT_COLORS, "background": BACKGROUND_COLORS, "direction": DIRECTIONS}
+
 REFERENCE_SIZE = 16  # radius and speed below are in pixels of a 16 x 16 frame and scale with the frame
 RADIUS = 3.0  # every shape has the area of a circle of this radius
 SPEED_RANGE = (0.3, 0.5)  # pixels per frame; the top is lowered per shape so the first leg fits
@@ -99,9 +101,9 @@ def heldout_prompts(n: int = 32) -> list[str]:
 def training_attributes(fixed: dict | None = None) -> list[dict]:
     """The training attribute combinations that agree with `fixed` (e.g. {"color": "red"}); raises if none does."""
     fixed = fixed or {}
-    unknown = set(fixed) - {"shape", "color", "background", "direction"}
+    unknown = set(fixed) - set(ATTRIBUTE_VALUES)
     if unknown:
-        raise ValueError(f"unknown attributes {sorted(unknown)}; expected some of shape, color, background, direction")
+        raise ValueError(f"unknown attributes {sorted(unknown)}; expected some of {list(ATTRIBUTE_VALUES)}")
     matching = [a for a in TRAIN_ATTRIBUTES if all(a[k] == v for k, v in fixed.items())]
     if not matching:
         raise ValueError(f"no training attribute combination has {fixed} (unknown values, or all held out)")
@@ -115,10 +117,9 @@ def sample_attributes(rng: np.random.Generator, fixed: dict | None = None) -> di
 
 
 def validate_attributes(attrs: dict) -> dict:
-    expected = {"shape": SHAPES, "color": OBJECT_COLORS, "background": BACKGROUND_COLORS, "direction": DIRECTIONS}
-    if set(attrs) != set(expected):
-        raise ValueError(f"attributes must have exactly the keys {sorted(expected)}, got {sorted(attrs)}")
-    for key, allowed in expected.items():
+    if set(attrs) != set(ATTRIBUTE_VALUES):
+        raise ValueError(f"attributes must have exactly the keys {sorted(ATTRIBUTE_VALUES)}, got {sorted(attrs)}")
+    for key, allowed in ATTRIBUTE_VALUES.items():
         if attrs[key] not in allowed:
             raise ValueError(f"unknown {key} {attrs[key]!r}; expected one of {list(allowed)}")
     return attrs
