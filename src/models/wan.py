@@ -165,10 +165,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the parameter dtype."""
+    """LayerNorm computed in float32 whatever the parameter dtype (bf16 weights are upcast, as under autocast)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""Atomic, checksummed file writes: a kill at any moment leaves either the previous file or the new one, never a
+truncated mix.
+
+Every writer goes to a temporary name *in the destination folder* (a rename is atomic only within one filesystem),
+is flushed and fsynced, then renamed over the destination; the folder is fsynced so the rename itself survives a
+crash. Leftover temporaries (``.<name>.tmp-*``) from a killed writer are removed by ``clean_partial``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory; the rename is still atomic
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """A fresh temporary name next to ``path`` (same folder, hence same filesystem)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path to write ``path`` through (file or folder); on success it is fsynced and renamed
+    into place, on any error it is removed and the previous ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        if tmp.is_dir():
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    _fsync_file(file)
+            if path.is_dir():  # a folder cannot be renamed over a non-empty one: move the old aside first
+                old = temporary_sibling(path)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        else:
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], checksum: bool = False) -> Path:
+    """``write(tmp_path)`` writes the content; it then replaces ``path`` atomically. With ``checksum`` a
+    ``<path>.sha256`` file is written (atomically, after the content) for ``verify_checksum``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        write(tmp)
+    if checksum:
+        write_checksum(path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksum(path: str | Path) -> str:
+    digest = sha256_file(path)
+    atomic_write_text(Path(str(path) + CHECKSUM_SUFFIX), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+def verify_checksum(path: str | Path) -> bool:
+    """True when ``<path>.sha256`` exists and matches; False when there is none; ChecksumError on a mismatch."""
+    path = Path(path)
+    side = Path(str(path) + CHECKSUM_SUFFIX)
+    if not side.is_file():
+        return False
+    expected = side.read_text().split()[0]
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"{path}: sha256 {actual[:12]}... does not match {side.name} ({expected[:12]}...): "
+                            "the file is corrupt or was changed after it was written")
+    return True
+
+
+def clean_partial(folder: str | Path) -> list[Path]:
+    """Removes temporaries left in ``folder`` (not recursive) by killed writers; returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") and TMP_MARK in p.name:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
