@@ -11,6 +11,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from src.training.reliability import AtomicCheckpointIO, validate_config
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,7 @@ def instantiate_all(node: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # types, ranges, outputs, input files: before any work
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data) if cfg.get("data") else None
@@ -31,12 +34,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=instantiate_all(cfg.get("callbacks")),
         logger=instantiate_all(cfg.get("logger")) or False,
         **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
+        plugins=[AtomicCheckpointIO()],  # atomic checksummed finite saves, weights_only loads
     )
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("mode", "fit") == "predict":  # generation stages (ODE pairs) write through prediction callbacks
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

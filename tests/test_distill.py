@@ -163,7 +163,7 @@ def test_stage_chain_and_multirun(teacher_file, tmp_path):
     _run("experiment=ode_init", *common, "trainer.max_steps=2", cwd=ROOT)
     assert (tmp_path / "artifacts/toy/ode_init.safetensors").exists()
     _run("-m", "experiment=hiar_fkl", "fkl.weight=0,0.1", *common, "trainer.max_steps=2", "task.num_frames=9",
-         "data.batches_per_epoch=10", cwd=ROOT)
+         cwd=ROOT)
     assert (tmp_path / "artifacts/toy/hiar_fkl/model.pt").exists()
     runs = sorted((tmp_path / "logs/hiar_fkl/multiruns").glob("*/*/.hydra/overrides.yaml"))
     assert len(runs) == 2

@@ -35,10 +35,20 @@ import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
+from src.io import clean_partial
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
 from src.sampling.schedules import SamplerConfig, sample
 from src.schedule import add_noise, sample_training_timesteps, x0_from_velocity
+from src.training.reliability import (
+    TASK_KEY,
+    NonFiniteError,
+    NonFiniteGuard,
+    check_checkpoint_task,
+    drop_gradients,
+    save_finite,
+    task_record,
+)
 from src.training.teacher import model_config, plain
 
 ROLLOUT_ORDERS = ("step_first", "block_first")
@@ -100,6 +110,7 @@ class DistillTask(L.LightningModule):
         ema: dict | None = None,
         seed: int = 0,
         grad_accumulation: int = 1,
+        nonfinite: dict | None = None,
     ):
         super().__init__()
         world = plain(world)
@@ -108,6 +119,9 @@ class DistillTask(L.LightningModule):
         optim = {"lr_generator": 2e-6, "lr_critic": 3e-7, "betas": [0.0, 0.999], "weight_decay": 0.01,
                  "grad_clip": 10.0, **(plain(optim) if optim else {})}
         ema = {"decay": 0.99, "start": 200, **(plain(ema) if ema else {})}
+        # K non-finite optimizer steps in a row stop the run; past this fraction of non-finite DMD gradient elements
+        # the run stops (a few come from mean|x - real| = 0 samples, a broken teacher or critic gives all of them)
+        nonfinite = {"max_consecutive_skips": 3, "dmd_max_fraction": 0.01, **(plain(nonfinite) if nonfinite else {})}
         sampler = plain(sampler)
         order = sampler.pop("order", "step_first")
         if order not in ROLLOUT_ORDERS:
@@ -123,10 +137,11 @@ class DistillTask(L.LightningModule):
             "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
-            "model_config": model_config(world["student"]).to_dict(),
+            "nonfinite": nonfinite, "model_config": model_config(world["student"]).to_dict(),
         })
         self.automatic_optimization = False
-        self.strict_loading = False  # the frozen teacher is not stored in our checkpoints
+        self.strict_loading = False  # the frozen teacher is not stored in our checkpoints (on_load_checkpoint checks)
+        self.unsaved_groups = ("teacher",)
         self.sampler_cfg = SamplerConfig(**sampler)
         if num_frames % self.sampler_cfg.frames_per_block:
             raise ValueError(f"num_frames={num_frames} is not a multiple of frames_per_block")
@@ -142,6 +157,8 @@ class DistillTask(L.LightningModule):
         self.codec = hydra.utils.instantiate(world["codec"])
         self.latent_shape = (world["latent"]["channels"], world["latent"]["height"], world["latent"]["width"])
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.guard = NonFiniteGuard(self, nonfinite["max_consecutive_skips"], ("generator", "critic"))
+        self.dmd_nonfinite = 0  # non-finite DMD gradient elements zeroed in the current iteration
 
     # ------------------------------------------------------------------------------------------- pieces
 
@@ -192,14 +209,31 @@ class DistillTask(L.LightningModule):
     @torch.no_grad()
     def dmd_gradient(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                      positions: list[int] | None = None) -> torch.Tensor:
-        """(fake - real) / mean|x - real|: the normalised DMD gradient with respect to x (hiar_method.md §7)."""
+        """(fake - real) / mean|x - real|: the normalised DMD gradient with respect to x (hiar_method.md §7).
+
+        Officially nan_to_num'ed; here non-finite elements are counted (`train/dmd_nonfinite`) and zeroed only while
+        they stay under `nonfinite.dmd_max_fraction` of the elements: a NaN teacher or critic fails the run instead of
+        turning the DMD loss into a silent 0."""
         x_t, _, t = self.noisy(x, "dmd_noise", positions)
         real_c = x0_from_velocity(x_t, self.teacher(x_t, t, cond), t)
         real_u = x0_from_velocity(x_t, self.teacher(x_t, t, uncond), t)
         real = real_c + self.hparams.dmd["guidance"] * (real_c - real_u)
         fake = x0_from_velocity(x_t, self.critic(x_t, t, cond), t)
         scale = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
-        return torch.nan_to_num((fake - real) / scale)
+        grad = (fake - real) / scale
+        bad = ~torch.isfinite(grad)
+        count = int(bad.sum())
+        self.dmd_nonfinite = count
+        too_many = count > self.hparams.nonfinite["dmd_max_fraction"] * grad.numel()
+        if self._trainer is not None:  # every rank stops together (no rank left waiting in a collective)
+            too_many = self.trainer.strategy.reduce_boolean_decision(too_many, all=False)
+        if too_many:
+            raise NonFiniteError(
+                f"DMD gradient at iteration {int(self.iteration)}: {count} of {grad.numel()} elements are not finite "
+                f"(teacher output finite: {bool(torch.isfinite(real).all())}, critic output finite: "
+                f"{bool(torch.isfinite(fake).all())}); limit nonfinite.dmd_max_fraction="
+                f"{self.hparams.nonfinite['dmd_max_fraction']}")
+        return grad.masked_fill(bad, 0.0)
 
     def dmd_loss(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  positions: list[int] | None = None) -> torch.Tensor:
@@ -250,24 +284,35 @@ class DistillTask(L.LightningModule):
 
     def micro_batches(self, batch: dict) -> list[tuple[dict, list[int]]]:
         """The batch cut into `grad_accumulation` micro-batches, each with its samples' global indices."""
-        n, a = len(batch["prompt"]), self.hparams.grad_accumulation
+        n, a = len(batch["critic_prompt" if "critic_prompt" in batch else "prompt"]), self.hparams.grad_accumulation
         if n % a:
             raise ValueError(f"batch of {n} samples is not divisible into grad_accumulation={a} micro-batches")
         size = n // a
         return [({k: v[i * size:(i + 1) * size] for k, v in batch.items()}, self.positions(i, size)) for i in range(a)]
 
-    def update(self, optimizer, micro_batches: list[tuple[dict, list[int]]], loss_fn) -> dict[str, torch.Tensor]:
+    def update(self, optimizer, micro_batches: list[tuple[dict, list[int]]], loss_fn, name: str
+               ) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches: loss_fn(micro_batch, positions) -> (loss, logged parts); each loss
         / #micro-batches is backpropagated at once (one micro-batch's activations alive at a time), then clip and step.
-        Returns each logged part averaged over the micro-batches, i.e. over this rank's batch."""
+        A non-finite loss or gradient norm (on any rank) skips the step (NonFiniteGuard). Returns each logged part
+        averaged over the micro-batches, i.e. over this rank's batch, and the gradient norm."""
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, torch.Tensor] = {}
+        finite = True
         for micro, positions in micro_batches:
             loss, parts = loss_fn(micro, positions)
+            finite = finite and bool(torch.isfinite(loss))
             self.backward_for(optimizer, loss / len(micro_batches))
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"], gradient_clip_algorithm="norm")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # the norm before clipping (the clip would scale a NaN norm's gradients to NaN anyway)
+        logs[f"train/{name}_grad_norm"] = grad_norm = self.guard.grad_norm(params)
+        if not self.guard.step_allowed(self, finite, grad_norm, name):
+            drop_gradients(params)  # the step below is then a no-op: the optimizer-step count stays in line
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"],
+                                gradient_clip_algorithm="norm")
         optimizer.step()
         return logs
 
@@ -278,31 +323,52 @@ class DistillTask(L.LightningModule):
             loss_dmd = self.dmd_loss(x, cond, uncond, positions)
             loss, parts = loss_dmd, {"train/dmd": loss_dmd}
             if self.hparams.fkl["weight"] > 0:
-                loss_fkl = self.fkl_loss(batch["trajectory"], batch["sigmas"][0], cond)
+                # the forward-KL batch is its own stream (DistillDataModule): its prompts are the trajectories'
+                fkl_cond = cond if "trajectory_prompt" not in batch else self.encode_text(batch["trajectory_prompt"])[0]
+                loss_fkl = self.fkl_loss(batch["trajectory"], batch["sigmas"][0], fkl_cond)
                 loss = loss + self.hparams.fkl["weight"] * loss_fkl
                 parts["train/fkl"] = loss_fkl
         return loss, parts
 
     def critic_update_loss(self, batch: dict, positions: list[int], exit_step: int) -> tuple[torch.Tensor, dict]:
-        cond, _ = self.encode_text(batch["prompt"])
+        cond, _ = self.encode_text(batch.get("critic_prompt", batch.get("prompt")))  # the critic's own batch
         with frozen(self.generator):
             x = self.rollout(self.generator, cond, exit_step, "critic", positions)
         loss = self.critic_loss(x, cond, positions)
         return loss, {"train/critic": loss}
 
+    def check_position(self, batch: dict) -> dict:
+        """Drops the stream's position tags after checking they are this iteration's and these samples'."""
+        batch = dict(batch)
+        iteration, index = batch.pop("iteration", None), batch.pop("index", None)
+        if iteration is not None and int(iteration) != int(self.iteration):
+            raise RuntimeError(f"data stream at iteration {int(iteration)}, task at {int(self.iteration)}")
+        size = len(batch["critic_prompt" if "critic_prompt" in batch else "prompt"])
+        if index is not None:
+            a = self.hparams.grad_accumulation
+            expected = [p for m in range(a) for p in self.positions(m, size // a)]
+            if index.tolist() != expected:
+                raise RuntimeError(f"data stream gave global samples {index.tolist()}, this rank trains {expected}")
+        return batch
+
     def training_step(self, batch, batch_idx):
         opt_generator, opt_critic = self.optimizers()
-        micro = self.micro_batches(batch)
+        micro = self.micro_batches(self.check_position(batch))
         logs = {}
+        self.dmd_nonfinite = 0
         if int(self.iteration) % self.hparams.gen_update_ratio == 0:
             exit_step = self.draw_exit_step("generator")
-            logs.update(self.update(opt_generator, micro, lambda b, pos: self.generator_loss(b, pos, exit_step)))
+            logs.update(self.update(opt_generator, micro, lambda b, pos: self.generator_loss(b, pos, exit_step),
+                                    "generator"))
             self.update_ema()
             logs["train/exit_step"] = float(exit_step)
+            logs["train/dmd_nonfinite"] = float(self.dmd_nonfinite)
         exit_step = self.draw_exit_step("critic")
-        logs.update(self.update(opt_critic, micro, lambda b, pos: self.critic_update_loss(b, pos, exit_step)))
+        logs.update(self.update(opt_critic, micro, lambda b, pos: self.critic_update_loss(b, pos, exit_step), "critic"))
+        logs["train/nonfinite_skips"] = self.nonfinite_skips.float()
         # sync_dist: the logged losses are those of the global batch (the mean of the ranks' means)
-        self.log_dict(logs, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
+        self.log_dict(logs, prog_bar=True, batch_size=len(micro[0][0].get("critic_prompt", micro[0][0].get("prompt")))
+                      * len(micro), sync_dist=True)
         self.iteration += 1
 
     def configure_optimizers(self):
@@ -320,20 +386,32 @@ class DistillTask(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        checkpoint[TASK_KEY] = task_record(self, state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_task(self, checkpoint, optional=("generator_ema",))
         state = checkpoint["state_dict"]
         if any(k.startswith("generator_ema.") for k in state) and self.generator_ema is None:
             self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
 
+    def export_folder(self) -> Path:
+        return Path(self.hparams.export_dir or self.trainer.default_root_dir)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            clean_partial(self.export_folder())
+
     def on_train_end(self) -> None:
-        """Export {generator, critic, generator_ema} in the official layout and the sampling weights as safetensors."""
+        """Export {generator, critic, generator_ema} in the official layout and the sampling weights as safetensors;
+        each atomically with a checksum, refused if any weight is not finite."""
         if not self.trainer.is_global_zero:
             return
-        out = Path(self.hparams.export_dir or self.trainer.default_root_dir)
-        export_training_checkpoint(out / "model.pt", generator=self.generator, critic=self.critic,
-                                   generator_ema=self.generator_ema)
-        save_dit(self.sampling_model(), out / "student.safetensors")
+        out = self.export_folder()
+        models = {"generator": self.generator, "critic": self.critic, "generator_ema": self.generator_ema}
+        states = {k: m.state_dict() for k, m in models.items() if m is not None}
+        save_finite(out / "model.pt", states, lambda tmp: export_training_checkpoint(tmp, **states))
+        save_finite(out / "student.safetensors", self.sampling_model(),
+                    lambda tmp: save_dit(self.sampling_model(), tmp))
 
     # ------------------------------------------------------------------------------------------- sampling
 

@@ -1,20 +1,20 @@
-"""Teacher ODE trajectories ("ODE pairs") as webdataset shards, and the datamodule that reads them back.
+"""Teacher ODE trajectories ("ODE pairs") as webdataset shards (read back by src/training/streams.py).
 
 Writing (`python -m src.train experiment=ode_pairs`, `trainer.predict`): the prompt set is cut into chunks of
-`pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically. A chunk whose shard exists is
-skipped, so an interrupted run resumes, and under DDP each rank takes its own chunks (Lightning's distributed
-sampler). Each trajectory is the bidirectional teacher's Euler ODE (48 steps, shift 8, CFG u + 6 (c - u)) from noise
-drawn from `seed` and the prompt's index, so a resumed or re-sharded run writes the same data.
+`pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically with its `.sha256`. A chunk
+whose shard and checksum exist is skipped, so an interrupted run resumes, and under DDP each rank takes its own
+chunks (Lightning's distributed sampler). Each trajectory is the bidirectional teacher's Euler ODE (48 steps,
+shift 8, CFG u + 6 (c - u)) from noise drawn from `seed` and the prompt's index, so a resumed or re-sharded run
+writes the same data.
 
 A sample: `<key>.npy` float32 [K, F, C, h, w] (states at `save_indices`, the last one clean), `<key>.json`
-{"prompt", "sigmas", "indices"}. Batches: {"trajectory": [B, K, F, C, h, w], "sigmas": [B, K], "prompt": list}.
+{"prompt", "sigmas", "indices"}.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -25,29 +25,21 @@ import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from src.io import CHECKSUM_SUFFIX, atomic_path, clean_partial, write_checksum
 from src.sampling.noise import derived_seed
 from src.sampling.ode import sample_ode
 from src.schedule import euler_grid
 from src.training.distill import load_world_model
+from src.training.reliability import require_finite
+from src.training.streams import prompt_list
 from src.training.teacher import plain
 
 SHARD_PATTERN = "ode-{:06d}.tar"
 
 
-def prompt_list(source: str, num_prompts: int, seed: int = 0) -> list[str]:
-    """`toy`: procedural training prompts (never a held-out one); otherwise a text file, one prompt per line."""
-    if source == "toy":
-        from src.worlds.toy.shapes import prompt_from_attributes, sample_attributes
-
-        rng = np.random.default_rng(seed)
-        return [prompt_from_attributes(sample_attributes(rng)) for _ in range(num_prompts)]
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts[:num_prompts]
+def shard_complete(shard: Path) -> bool:
+    """A shard counts as written once its checksum is beside it (written after the shard's atomic rename)."""
+    return shard.is_file() and Path(str(shard) + CHECKSUM_SUFFIX).is_file()
 
 
 class PromptChunks(Dataset):
@@ -56,7 +48,7 @@ class PromptChunks(Dataset):
     def __init__(self, prompts: list[str], pairs_per_shard: int, shard_dir: str | Path):
         self.prompts, self.size = prompts, pairs_per_shard
         total = (len(prompts) + pairs_per_shard - 1) // pairs_per_shard
-        self.chunks = [c for c in range(total) if not (Path(shard_dir) / SHARD_PATTERN.format(c)).exists()]
+        self.chunks = [c for c in range(total) if not shard_complete(Path(shard_dir) / SHARD_PATTERN.format(c))]
 
     def __len__(self):
         return len(self.chunks)
@@ -127,61 +119,24 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class PairShardWriter(BasePredictionWriter):
-    """Writes each predicted chunk as one shard; a temporary name until complete, so a crash leaves no half shard."""
+    """Writes each predicted chunk as one shard through src.io (a temporary name in the shard folder, fsync, rename,
+    then its checksum), so a crash leaves no half shard; refuses non-finite trajectories."""
 
     def __init__(self, shard_dir: str):
         super().__init__(write_interval="batch")
         self.shard_dir = Path(shard_dir)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            clean_partial(self.shard_dir)
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
         final = self.shard_dir / SHARD_PATTERN.format(prediction["chunk"])
-        partial = final.with_suffix(f".tar.partial{trainer.global_rank}")
-        with wds.TarWriter(str(partial)) as sink:
+        require_finite(prediction["states"], f"shard {final}")
+        with atomic_path(final) as partial, wds.TarWriter(str(partial)) as sink:
             for index, prompt, states in zip(prediction["indices"], prediction["prompts"], prediction["states"]):
                 meta = {"prompt": prompt, "sigmas": prediction["sigmas"],
                         "indices": pl_module.hparams.save_indices}
                 sink.write({"__key__": f"{index:08d}", "npy": _npy_bytes(states.numpy().astype(np.float32)),
                             "json": json.dumps(meta).encode()})
-        os.replace(partial, final)
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def pair_shards(shard_dir: str | Path) -> list[str]:
-    shards = sorted(str(p) for p in Path(shard_dir).glob("ode-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no ODE-pair shards in {shard_dir}: run `python -m src.train experiment=ode_pairs` first")
-    return shards
-
-
-def _decode(sample: dict) -> dict:
-    meta = json.loads(sample["json"])
-    trajectory = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    return {"trajectory": torch.from_numpy(trajectory), "sigmas": torch.tensor(meta["sigmas"]), "prompt": meta["prompt"]}
-
-
-def _collate(samples: list[dict]) -> dict:
-    return {"trajectory": torch.stack([s["trajectory"] for s in samples]),
-            "sigmas": torch.stack([s["sigmas"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
-
-
-class OdePairsDataModule(L.LightningDataModule):
-    """Endless resampled batches of trajectories; each node and worker draws its own shards."""
-
-    def __init__(self, shard_dir: str, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 256, batches_per_epoch: int = 1000):
-        super().__init__()
-        self.save_hyperparameters()
-
-    def train_dataloader(self):
-        hp = self.hparams
-        dataset = (
-            wds.WebDataset(pair_shards(hp.shard_dir), resampled=True, shardshuffle=False,
-                           nodesplitter=wds.split_by_node, seed=hp.seed)
-            .shuffle(hp.shuffle_buffer)
-            .map(_decode)
-            .batched(hp.batch_size, collation_fn=_collate)
-        )
-        return wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers).with_epoch(hp.batches_per_epoch)
+        write_checksum(final)

@@ -19,6 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from src.checkpoints import load_dit, save_dit
 from src.models.wan import WanConfig, WanDiT
 from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
+from src.training.reliability import (
+    TASK_KEY,
+    NonFiniteGuard,
+    check_checkpoint_task,
+    drop_gradients,
+    save_finite,
+    task_record,
+)
 
 
 def plain(node) -> dict:
@@ -48,6 +56,7 @@ class TeacherTask(L.LightningModule):
         logit_std: float = 1.0,
         timestep_shift: float = 1.0,
         clip_frames: list[int] | None = None,
+        max_consecutive_skips: int = 3,
     ):
         super().__init__()
         model, text_encoder, codec = plain(model), plain(text_encoder), plain(codec)
@@ -58,11 +67,14 @@ class TeacherTask(L.LightningModule):
              "lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps,
              "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
              "timestep_shift": timestep_shift,
-             "clip_frames": list(clip_frames) if clip_frames else None}
+             "clip_frames": list(clip_frames) if clip_frames else None,
+             "max_consecutive_skips": max_consecutive_skips}
         )
         self.model = WanDiT(model_config(model))
         self.text_encoder = hydra.utils.instantiate(text_encoder)
         self.codec = hydra.utils.instantiate(codec)
+        self.guard = NonFiniteGuard(self, max_consecutive_skips)
+        self.loss_finite = True
 
     def sample_timesteps(self, batch: int) -> torch.Tensor:
         """Logit-normal noise levels (SD3), then shifted as the sampler's grid is: sigma = shift(sigmoid(N(mean, std))).
@@ -89,8 +101,23 @@ class TeacherTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.flow_matching_loss(batch["video"], batch["prompt"])
+        self.loss_finite = bool(torch.isfinite(loss))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A non-finite loss or gradient norm skips the step (src/training/reliability.py NonFiniteGuard)."""
+        params = list(self.model.parameters())
+        grad_norm = self.guard.grad_norm(params)
+        if not self.guard.step_allowed(self, self.loss_finite, grad_norm):
+            drop_gradients(params)
+        self.log("train/nonfinite_skips", self.nonfinite_skips.float())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TASK_KEY] = task_record(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_task(self, checkpoint)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -105,8 +132,8 @@ def export_teacher(checkpoint_path: str | Path, out_path: str | Path) -> Path:
 
 
 def save_teacher(model: WanDiT, out_path: str | Path) -> Path:
-    save_dit(model, out_path)
-    return Path(out_path)
+    """Atomically, with a checksum; refused if a weight is not finite."""
+    return save_finite(out_path, model, lambda tmp: save_dit(model, tmp))
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> WanDiT:
