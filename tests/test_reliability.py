@@ -255,7 +255,7 @@ TINY_OVERRIDES = [f"world.{m}.{k}={v}" for m in ("teacher", "student", "critic")
     "world.latent.height=4", "world.latent.width=4", "world.text_encoder.text_len=8",
     "world.text_encoder.text_dim=16", "world.training.batch_size=2", "+world.training.num_prompts=5",
     f"task.num_frames={FRAMES}", f"task.gen_update_ratio={RATIO}", "task.generator_init=null", "task.ema.start=1",
-    "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_iterations=2", "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_iterations=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
     "trainer.max_steps=8",  # 5 iterations
 ]
 
