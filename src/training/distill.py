@@ -295,7 +295,7 @@ class DistillTask(L.LightningModule):
         """One optimizer step over the micro-batches: loss_fn(micro_batch, positions) -> (loss, logged parts); each loss
         / #micro-batches is backpropagated at once (one micro-batch's activations alive at a time), then clip and step.
         A non-finite loss or gradient norm (on any rank) skips the step (NonFiniteGuard). Returns each logged part
-        averaged over the micro-batches, i.e. over this rank's batch, and the gradient norm."""
+        averaged over the micro-batches, i.e. over this rank's batch."""
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, torch.Tensor] = {}
         finite = True
@@ -306,8 +306,8 @@ class DistillTask(L.LightningModule):
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        # the norm before clipping (the clip would scale a NaN norm's gradients to NaN anyway)
-        logs[f"train/{name}_grad_norm"] = grad_norm = self.guard.grad_norm(params)
+        # the norm before clipping; under DeepSpeed the gradients live in the engine (0 here: only the loss is checked)
+        grad_norm = self.guard.grad_norm(params)
         if not self.guard.step_allowed(self, finite, grad_norm, name):
             drop_gradients(params)  # the step below is then a no-op: the optimizer-step count stays in line
         else:

@@ -357,7 +357,8 @@ def validate_config(cfg: dict) -> None:
         ckpt = Path(cfg["ckpt_path"])
         if not ckpt.is_dir():
             check_model_file(ckpt, "ckpt_path")
-    prompts = _get(cfg, "data.prompts") or _get(cfg, "data.source")
+    data_target = str(_get(cfg, "data._target_") or "")
+    prompts = _get(cfg, "data.prompts") or (_get(cfg, "data.source") if "PromptChunks" in data_target else None)
     if prompts and prompts != "toy":
         try:
             read_prompt_file(prompts)
