@@ -152,7 +152,11 @@ class OdePairsTask(L.LightningModule):
             _, saved = sample_ode(self.teacher, cond.to(self.device), noise=noise, uncond_context=uncond.to(self.device),
                                   num_steps=hp.num_steps, shift=hp.shift, guidance_scale=hp.guidance,
                                   return_states_at=hp.save_indices)
-            states.append(torch.stack([saved[i] for i in hp.save_indices], dim=1))
+            chunk_states = torch.stack([saved[i] for i in hp.save_indices], dim=1)
+            bad = [i for i, s in zip(indices, chunk_states) if not torch.isfinite(s).all()]
+            if bad:  # never write a non-finite trajectory
+                raise FloatingPointError(f"the ODE teacher produced non-finite states for prompt indices {bad}")
+            states.append(chunk_states)
         sigmas = (euler_grid(hp.num_steps, hp.shift)[hp.save_indices] / 1000.0).tolist()
         return {"chunk": batch["chunk"], "indices": batch["indices"], "prompts": batch["prompts"],
                 "states": torch.cat(states).cpu(), "sigmas": sigmas}

@@ -27,6 +27,7 @@ over English words plus single characters, so any prompt, the Chinese negative p
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -267,7 +268,7 @@ def write_diffusers(folder: Path, dit: WanDiT, umt5, tokenizer, vae) -> None:
     )
     transformer.load_state_dict(wan_to_diffusers(_state(dit)), strict=True)  # every name maps, none is missing
     transformer.save_pretrained(folder / "transformer")
-    umt5.save_pretrained(folder / "text_encoder")
+    copy.deepcopy(umt5).to(torch.bfloat16).save_pretrained(folder / "text_encoder")  # bf16, as the .pth
     tokenizer.save_pretrained(folder / "tokenizer")
     vae.save_pretrained(folder / "vae")
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).save_pretrained(
