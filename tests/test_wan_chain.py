@@ -145,6 +145,14 @@ def test_chain_on_a_tiny_release(release, tmp_path):
         gap = np.abs(samples[0]["states"] - expected)[1:].max()
         assert (gap < 1e-5) if same else (gap > 1e-3), (folder.name, gap)
 
+    # adding shards made with another setting (or ODE teacher) to this folder stops before any work
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    with pytest.raises(ValueError, match="guidance"):
+        train(_compose("train", [*stage, "experiment=ode_pairs", f"paths.output_dir={tmp_path}/run_pairs2",
+                                 f"task.num_frames={NUM_FRAMES}", "data.pairs_per_shard=2", "task.guidance=5.0",
+                                 "world.training.num_ode_pairs=6"]))
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == before
+
     # 2. ODE init, 3. hiar_fkl (2 iterations: a generator + critic update, then a critic update)
     train(_compose("train", [*stage, "experiment=ode_init", f"paths.output_dir={tmp_path}/run_init", *FIT_QUIET,
                              "world.training.ode_init_steps=2", "world.training.lr_ode_init=1e-4"]))
@@ -154,7 +162,8 @@ def test_chain_on_a_tiny_release(release, tmp_path):
     assert {"train/dmd", "train/fkl", "train/critic"} <= set(metrics)
     out = artifacts / "hiar_fkl"
     student = load_dit(out / "student.safetensors")
-    official = load_dit(out / "model.pt", which="generator")  # the official layout (no EMA yet: it starts at 200)
+    # the official layout carries no config (as HiAR's own); no EMA yet: it starts at iteration 200
+    official = load_dit(out / "model.pt", which="generator", config=student.cfg)
     assert _state_equal(student.state_dict(), official.state_dict())
     init = load_dit(artifacts / "ode_init.safetensors").state_dict()
     assert not _state_equal(student.state_dict(), init)  # trained

@@ -335,7 +335,8 @@ def test_world_configs(monkeypatch):
     assert wan.student.dim == wan.critic.dim == 1536 and wan.teacher.dim == 5120
     # ODE pairs come from the 1.3B base (as officially), DMD's real score from the 14B
     assert wan.ode_teacher.dim == 1536 and wan.ode_teacher_checkpoint == "/data/wan13"
-    assert toy.ode_teacher == toy.teacher and toy.ode_teacher_checkpoint == toy.teacher_checkpoint
+    rooted = _world("toy", ["paths.root_dir=/r"])
+    assert rooted.ode_teacher == rooted.teacher and rooted.ode_teacher_checkpoint == "/r/assets/toy_teacher.safetensors"
     assert wan.critic_init_which == toy.critic_init_which == "auto"
     assert wan.text_encoder.weights == "/data/wan13/models_t5_umt5-xxl-enc-bf16.pth"
     assert wan.codec.weights == "/data/wan13/Wan2.1_VAE.pth"

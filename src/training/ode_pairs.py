@@ -113,10 +113,12 @@ class OdePairsTask(L.LightningModule):
         self.save_hyperparameters({"world": world, "num_frames": num_frames, "num_steps": num_steps, "shift": shift,
                                    "guidance": guidance, "save_indices": list(save_indices), "seed": seed,
                                    "batch_size": batch_size})
-        checkpoint = world.get("ode_teacher_checkpoint")
+        # a world without an ode_teacher entry (hand-built in tests) uses its teacher, as the toy world does
+        checkpoint = world.get("ode_teacher_checkpoint") or world.get("teacher_checkpoint")
         if not checkpoint:
             raise ValueError("world.ode_teacher_checkpoint is not set: the ODE pairs need the weights of the ODE teacher")
-        self.teacher = load_world_model(world["ode_teacher"], checkpoint).eval().requires_grad_(False)
+        model = world.get("ode_teacher") or world["teacher"]
+        self.teacher = load_world_model(model, checkpoint).eval().requires_grad_(False)
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         latent = world["latent"]
         self.latent_shape = (num_frames, latent["channels"], latent["height"], latent["width"])
