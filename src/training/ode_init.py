@@ -46,7 +46,7 @@ class OdeInitTask(L.LightningModule):
                                    "max_consecutive_skips": max_consecutive_skips,
                                    "model_config": plain(world["student"])})
         base = world.get("critic_init") or world.get("teacher_checkpoint")
-        self.generator = load_world_model(world["student"], base)
+        self.generator = load_world_model(world["student"], base, world.get("critic_init_which", "auto"))
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         self.guard = NonFiniteGuard(self, max_consecutive_skips)
         self.loss_finite = True
