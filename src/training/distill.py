@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
+from src.artifacts import verify_artifact
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
@@ -136,6 +137,8 @@ class DistillTask(L.LightningModule):
         base = world.get("critic_init") or world.get("teacher_checkpoint")
         self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint")).eval().requires_grad_(False)
         self.critic = load_world_model(world["critic"], base)
+        if generator_init:
+            verify_artifact(generator_init)  # the ODE init's files are those its manifest records
         self.generator = load_world_model(world["student"], generator_init or base)
         self.generator_ema: WanDiT | None = None
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)

@@ -25,6 +25,7 @@ import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from src.artifacts import verify_artifact
 from src.sampling.noise import derived_seed
 from src.sampling.ode import sample_ode
 from src.schedule import euler_grid
@@ -153,6 +154,7 @@ def pair_shards(shard_dir: str | Path) -> list[str]:
     shards = sorted(str(p) for p in Path(shard_dir).glob("ode-*.tar"))
     if not shards:
         raise FileNotFoundError(f"no ODE-pair shards in {shard_dir}: run `python -m src.train experiment=ode_pairs` first")
+    verify_artifact(shard_dir)  # the shards are those their manifest records (src/artifacts.py)
     return shards
 
 
