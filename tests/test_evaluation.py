@@ -140,7 +140,7 @@ def test_dinov2_loads_from_local_folder_only(tmp_path):
 
 def test_video_io_roundtrip_and_prompts(tmp_path):
     frames = constant_video((0.9, 0.1, 0.1), t=6, h=8, w=8)
-    write_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4", frames, fps=8)
+    write_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4", frames, fps=8, upscale=1)
     write_video(tmp_path / "m2" / "x-0.mp4", frames, fps=8)
     (tmp_path / "prompts.json").write_text(json.dumps({"m2/x-0.mp4": "a custom prompt"}))
     back, fps = read_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4")
