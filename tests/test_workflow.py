@@ -99,7 +99,8 @@ def test_chain_sweep_concurrency_and_publishing(project):
     assert len(jobs) == 2 and jobs[0].read_bytes() != jobs[1].read_bytes()
     weights = sorted(json.loads((j.parent / "provenance.json").read_text())["settings"]["fkl"]["weight"] for j in jobs)
     assert weights == [0.0, 0.1]
-    assert not (root / "artifacts/toy/hiar_fkl").exists() and "not published: a sweep job" in err
+    assert not (root / "artifacts/toy/hiar_fkl").exists()
+    assert all("not published: a sweep job" in (j.parents[1] / "train.log").read_text() for j in jobs)
     assert not list(elsewhere.iterdir())  # nothing written where the command ran
 
     # fast_dev_run leaves the published artifacts untouched
