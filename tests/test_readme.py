@@ -86,6 +86,6 @@ def test_readme_generation_commands_and_api_snippet(project, monkeypatch):
     runs = sorted((root / "logs/generate/runs").glob("*/settings.json"))
     assert len(runs) == 2
     monkeypatch.chdir(root)
-    [snippet] = [b for b in blocks("python") if "HiAR" in b]
+    [snippet] = [b for b in blocks("python") if "from src.api import HiAR" in b]
     exec(snippet.replace("print(", "(lambda *a: None)("), {})
     assert len(list((root / "outputs/api").glob("*.mp4"))) == 1
