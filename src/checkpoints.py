@@ -240,6 +240,11 @@ def _sharded_source(source: str | Path) -> tuple[Path, WanConfig | None] | None:
     return index, (WanConfig.from_json(config_file) if config_file.exists() else None)
 
 
+def _require_config(config: WanConfig | None, source) -> None:
+    if config is None:
+        raise CheckpointError(f"{source}: the checkpoint carries no model config; pass config= (e.g. a conf/model preset)")
+
+
 def _cast(tensor: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating tensors to `dtype` (others keep theirs), on `device`; one copy at most."""
     return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
@@ -274,8 +279,7 @@ def load_dit(
     if sharded is not None:
         index, found = sharded
         config = config or found
-        if config is None:
-            raise CheckpointError(f"{source}: the checkpoint carries no model config; pass config= (e.g. a conf/model preset)")
+        _require_config(config, source)
         with torch.device("meta"):
             model = WanDiT(config)
         shards = _shard_files(index)
@@ -294,8 +298,7 @@ def load_dit(
     else:
         state, found = read_state_dict(source, which)
         config = config or found
-        if config is None:
-            raise CheckpointError(f"{source}: the checkpoint carries no model config; pass config= (e.g. a conf/model preset)")
+        _require_config(config, source)
         with torch.device("meta"):
             model = WanDiT(config)
         check_state_dict(model, state, str(source))
