@@ -289,6 +289,7 @@ class DistillTask(L.LightningModule):
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"], gradient_clip_algorithm="norm")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # this model's gradients are not kept through the other model's update
         return logs
 
     def generator_loss(self, batch: dict, positions: list[int], exit_step: int) -> tuple[torch.Tensor, dict]:
