@@ -33,8 +33,10 @@ lint: setup
 bench: setup
 	$(PY) -m src.bench --out experiments/bench/cpu.json
 
+# BENCH_GPU_ARGS: e.g. "--smoke --dtype bfloat16" checks the bf16 code path on CPU
+BENCH_GPU_ARGS ?=
 bench-gpu: setup
-	$(PY) -m src.bench_gpu --out experiments/bench
+	$(PY) -m src.bench_gpu --out experiments/bench $(BENCH_GPU_ARGS)
 
 # Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
 # toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).

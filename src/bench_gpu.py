@@ -239,7 +239,7 @@ def output_path(out: str, device_name: str) -> Path:
 def run(args: argparse.Namespace) -> dict:
     setup = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = setup["dtype"]
+    dtype = args.dtype or setup["dtype"]
     model_cfg = setup["model"] if args.smoke else WanConfig.from_dict(yaml.safe_load(MODEL_PRESET.read_text()))
     latent_shape = setup["latent_shape"]
     frames = args.frames or setup["frames"]
@@ -296,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="the device's dense bf16 peak for MFU (default: H100 SXM, %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny model and VAE on CPU, float32: checks the code path")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="model and VAE dtype (default bfloat16; float32 with --smoke)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit(NO_GPU)

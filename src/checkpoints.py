@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from src.io import atomic_path
 from src.models.wan import WanConfig, WanDiT
 
 
@@ -312,8 +313,8 @@ def load_dit(
 def save_dit(model: WanDiT, path: str | Path) -> None:
     """Our own format: safetensors with the original Wan names and the config in the metadata."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"config": json.dumps(model.cfg.to_dict())})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(model.cfg.to_dict())})
 
 
 def export_training_checkpoint(path: str | Path, **models: torch.nn.Module | dict | None) -> None:
@@ -325,5 +326,5 @@ def export_training_checkpoint(path: str | Path, **models: torch.nn.Module | dic
             continue
         state = module.state_dict() if isinstance(module, torch.nn.Module) else module
         out[name] = {"model." + k: v.detach().contiguous().cpu() for k, v in state.items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
