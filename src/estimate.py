@@ -1,10 +1,12 @@
 """Peak GPU memory per rank and FLOPs of one DMD iteration, without a GPU: `python -m src.estimate <src.train overrides>`.
 
 The project's real DistillTask (its rollout, DMD, critic and forward-KL losses, the models with activation
-checkpointing as configured) runs one generator update and one critic update on fake tensors
-(`FakeTensorMode`: shapes and dtypes, no storage), under PyTorch's `MemTracker` (live bytes by category at the peak)
-and `FlopCounterMode`. What fake tensors cannot simulate is accounted for explicitly, per strategy and world size,
-from the models' parameter counts (`STATIC_RULES`):
+checkpointing as configured) runs one generator update and one critic update on fake tensors (`FakeTensorMode`:
+shapes and dtypes, no storage) under a TorchDispatchMode tracker (`LiveBytes`: live bytes at the peak by category,
+and FLOPs by `torch.utils.flop_counter`'s per-op formulas). PyTorch's MemTracker refuses a module called several times
+per iteration (a rollout calls the generator once per block and step), and FlopCounterMode's module tracker keeps
+activations alive, hence the own tracker. What fake tensors cannot simulate is accounted for explicitly, per strategy
+and world size, from the models' parameter counts (`static_memory`):
 
 * the trained models' weights, gradients, fp32 master weights and AdamW states, and the frozen teacher, sharded or
   replicated as each strategy does (ZeRO-2 / ZeRO-3 partitions, FSDP2 shards, optimizer offload to CPU), plus the
@@ -108,7 +110,7 @@ class SmallTensorsReal(TorchDispatchMode):
     frame indices, attention visibility per frame, the iteration counter) runs for real, so the code may read its
     values back (`.item()`, `bool()`, `.tolist()`); everything else stays fake (shapes and dtypes only)."""
 
-    MAX_ELEMENTS = 1 << 16
+    MAX_ELEMENTS = 4096  # the scheduler's 1000-point sigma grid, per-frame visibility; activations are larger
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, unset_fake_temporarily
@@ -138,7 +140,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.seq, self.total, self.peak, self.peak_seq = 0, 0, 0, 0
+        self.seq, self.total, self.peak, self.peak_seq, self.flops = 0, 0, 0, 0, 0
         self.live: dict[int, list] = {}  # storage key -> [nbytes, allocated at, freed at, category, weakref]
         self.entries: list[list] = []
 
@@ -149,13 +151,13 @@ class LiveBytes(TorchDispatchMode):
             entry[2] = self.seq
             self.total -= entry[0]
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, op) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.live:
             return
         self.seq += 1
-        entry = [storage.nbytes(), self.seq, None, "activations", None]
+        entry = [storage.nbytes(), self.seq, None, "activations", None, (str(op), tuple(tensor.shape), str(tensor.dtype))]
         entry[4] = weakref.ref(storage, lambda _, key=key: self._freed(key))
         self.live[key] = entry
         self.entries.append(entry)
@@ -171,16 +173,36 @@ class LiveBytes(TorchDispatchMode):
 
     def at_peak(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for nbytes, allocated, freed, category, _ in self.entries:
+        for nbytes, allocated, freed, category, *_ in self.entries:
             if allocated <= self.peak_seq and (freed is None or freed > self.peak_seq):
                 out[category] = out.get(category, 0) + nbytes
         return out
 
+    def largest_at_peak(self, n: int = 12, at: int | None = None) -> list[tuple]:
+        """What was live at the peak (or at sequence number `at`), grouped by (category, creating op, shape, dtype),
+        largest total first: (total bytes, count, category, op, shape, dtype). For diagnosis."""
+        at = self.peak_seq if at is None else at
+        groups: dict[tuple, list[int]] = {}
+        for e in self.entries:
+            if e[1] <= at and (e[2] is None or e[2] > at):
+                g = groups.setdefault((e[3], *e[5]), [0, 0])
+                g[0] += e[0]
+                g[1] += 1
+        return sorted(((b, c, *k) for k, (b, c) in groups.items()), reverse=True)[:n]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+
         out = func(*args, **(kwargs or {}))
+        # FLOPs by FlopCounterMode's own per-op formulas (its module tracker would keep activations alive)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += int(count(*args, **(kwargs or {}), out_val=out))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place result: no new storage (and maybe one that predates the tracker)
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, func)
         return out
 
 
@@ -305,10 +327,11 @@ def one_iteration(task, micro: int, mode: str, device, phase_hook, mark=lambda c
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 if name == "generator":
-                    loss, _ = task.generator_loss(batch, positions, exit_step)
+                    loss, parts = task.generator_loss(batch, positions, exit_step)
                 else:
-                    loss, _ = task.critic_update_loss(batch, positions, exit_step)
+                    loss, parts = task.critic_update_loss(batch, positions, exit_step)
             loss.backward()
+            del loss, parts  # the graph is freed before the step, as in DistillTask.update
             mark("gradients", [p.grad for p in model.parameters() if p.grad is not None])
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(o["grad_clip"]), foreach=False)
             optimizer.step()
@@ -323,7 +346,6 @@ def tracked_iteration(cfg: DictConfig, mode: str, fake: bool, device="cpu", exit
     exit_step None: the last (most forwards, the FLOPs' worst case). gpu_kernels (fake only): attention as CUDA's
     kernels allocate (gpu_sdpa); False keeps the CPU's SDPA, to compare fake with real tensors like for like."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     results: dict = {}
     current: list[LiveBytes] = []
@@ -331,13 +353,15 @@ def tracked_iteration(cfg: DictConfig, mode: str, fake: bool, device="cpu", exit
     @contextlib.contextmanager
     def phase(name, model, optimizer):
         record: dict = {}
-        tracker, flops = LiveBytes(), FlopCounterMode(display=False)
+        tracker = LiveBytes()
         current[:] = [tracker]
         start = time.perf_counter()
-        with largest_kv_cache(record), flops, tracker:
+        with largest_kv_cache(record), tracker:
             yield
-        results[name] = {"peak_by_category": tracker.at_peak(), "peak": tracker.peak,
-                         "kv_cache": int(record.get("kv_cache", 0)), "flops": int(flops.get_total_flops()),
+        results[name] = {"peak_by_category": tracker.at_peak(), "peak": tracker.peak, "live_after": tracker.total,
+                         "largest_at_peak": tracker.largest_at_peak(),
+                         "largest_after": tracker.largest_at_peak(at=tracker.seq),
+                         "kv_cache": int(record.get("kv_cache", 0)), "flops": tracker.flops,
                          "seconds": time.perf_counter() - start}
 
     def mark(category, tensors):
@@ -461,7 +485,8 @@ def estimate_dmd_iteration(overrides: list[str]) -> dict:
     start = time.perf_counter()
     measured = tracked_iteration(cfg, compute_mode(cfg, strategy), fake=True)
     out = report(cfg, measured, strategy, world_size_of(cfg))
-    out.update(overrides=list(overrides), estimated_from="fake tensors (FakeTensorMode + MemTracker + FlopCounterMode)",
+    out.update(overrides=list(overrides),
+               estimated_from="fake tensors (FakeTensorMode + LiveBytes tracker + flop_counter formulas)",
                seconds=time.perf_counter() - start)
     return out
 

@@ -287,6 +287,7 @@ class DistillTask(L.LightningModule):
             self.backward_for(optimizer, loss / len(micro_batches))
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
+            del loss, parts  # the graph goes now, not during the next micro-batch or the step
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"], gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # this model's gradients are not kept through the other model's update
