@@ -279,7 +279,7 @@ def build_task(cfg: DictConfig, device: str | torch.device = "cpu", model_mode=N
     kwargs.update(world=world, generator_init=None, export_dir=None)
     real_loader = distill.load_world_model
 
-    def load_world_model(config, checkpoint, dtype=None):
+    def load_world_model(config, checkpoint, which="auto", dtype=None):
         default = torch.get_default_dtype()
         torch.set_default_dtype(weights_dtype or dtype or torch.float32)  # built in its dtype: no cast of fakes
         try:

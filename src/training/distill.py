@@ -81,12 +81,14 @@ def chord_x0(x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: float, sigma_b: floa
     return (x_a.double() - sigma_a * velocity).to(x_a.dtype)
 
 
-def load_world_model(config: dict, checkpoint: str | None, dtype: torch.dtype | None = None) -> WanDiT:
-    """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given, in
-    `dtype` (None: the checkpoint's; loaded straight into it, never materialised in float32 first)."""
+def load_world_model(config: dict, checkpoint: str | None, which: str = "auto",
+                     dtype: torch.dtype | None = None) -> WanDiT:
+    """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given; `which`
+    picks the weights of a training checkpoint (generator_ema / generator / critic / model; auto: EMA if present);
+    `dtype` (None: the checkpoint's) is the one the weights are loaded straight into, never materialised in fp32 first."""
     cfg = model_config(config)
     if checkpoint:
-        return load_dit(checkpoint, config=cfg, dtype=dtype)
+        return load_dit(checkpoint, which=which, config=cfg, dtype=dtype)
     model = WanDiT(cfg)
     return model if dtype is None else model.to(dtype)
 
@@ -97,6 +99,7 @@ class DistillTask(L.LightningModule):
         world: dict,
         sampler: dict,
         generator_init: str | None = None,
+        generator_init_which: str = "auto",
         export_dir: str | None = None,
         num_frames: int = 21,
         gen_update_ratio: int = 5,
@@ -130,7 +133,8 @@ class DistillTask(L.LightningModule):
         if not 1 <= int(fkl["num_steps"]) <= 4:
             raise ValueError("fkl.num_steps must be 1..4 (the saved trajectory has 4 chords)")
         self.save_hyperparameters({
-            "world": world, "sampler": sampler, "generator_init": generator_init, "export_dir": export_dir,
+            "world": world, "sampler": sampler, "generator_init": generator_init,
+            "generator_init_which": generator_init_which, "export_dir": export_dir,
             "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
@@ -146,10 +150,14 @@ class DistillTask(L.LightningModule):
             raise ValueError(f"min_exit_step must lie in [0, {self.sampler_cfg.num_steps})")
 
         base = world.get("critic_init") or world.get("teacher_checkpoint")
+        base_which = world.get("critic_init_which", "auto")
         self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint"),
-                                        getattr(torch, teacher_dtype)).eval().requires_grad_(False)
-        self.critic = load_world_model(world["critic"], base, torch.float32)  # fp32 master weights
-        self.generator = load_world_model(world["student"], generator_init or base, torch.float32)
+                                        dtype=getattr(torch, teacher_dtype)).eval().requires_grad_(False)
+        self.critic = load_world_model(world["critic"], base, base_which, torch.float32)  # fp32 master weights
+        if generator_init:
+            self.generator = load_world_model(world["student"], generator_init, generator_init_which, torch.float32)
+        else:
+            self.generator = load_world_model(world["student"], base, base_which, torch.float32)
         for model in (self.generator, self.critic):  # the model's own switch, set from outside (any strategy)
             model.gradient_checkpointing = bool(activation_checkpointing)
         self.ema: GeneratorEMA | None = None  # not a submodule: never moved or cast by Lightning
