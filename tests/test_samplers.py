@@ -243,3 +243,24 @@ def test_bench_samplers_reports_each_order(tiny_model):
     for r in results.values():
         assert r["forwards"] == r["expected_forwards"] and r["frames_per_s"] > 0
         assert 0 < r["first_block_latency_s"] <= r["total_s"]
+
+
+@pytest.mark.parametrize("order,options", [("block_first", {}), ("step_first", {}), ("hybrid", {}),
+                                           ("step_first", {"context_level": "current"}),
+                                           ("step_first", {"context_noise": 20.0})])
+def test_samplers_in_bfloat16(tiny_model, ctx, order, options):
+    """Every sampler on a bf16 model (window and sink on): finite bf16 output close to float32, and a bf16
+    training rollout (exit step, grad) backpropagates."""
+    cfg = SamplerConfig(steps=[1000, 750, 500], window=6, sink=3, **options)
+    with torch.no_grad():
+        ref = sample(tiny_model, ctx, 12, LATENT, cfg, NoiseBank(0), order=order)
+    model = WanDiT(tiny_model.cfg)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # noise is float32; the model casts inside
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+    rollout = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order, exit_step=1)
+    rollout.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
