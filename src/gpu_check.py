@@ -28,9 +28,10 @@ import torch
 from src.io import atomic_write_text
 from src.models import wan
 
-# The estimator's overrides for a 1.3B student/critic with a 1.3B teacher, one device (src.train's config groups).
-DMD_OVERRIDES = ["experiment=hiar", "world=wan", "model@teacher_model=wan2.1-t2v-1.3b", "strategy=single"]
-SMOKE_DMD_OVERRIDES = ["experiment=hiar", "world=toy"]
+# The estimator's overrides (src.train's): 1.3B student and critic with a 1.3B teacher, bf16, batch 1, one device.
+DMD_OVERRIDES = ["experiment=hiar_fkl", "world=wan2.1_1.3b_teacher1.3b", "trainer=gpu_bf16",
+                 "world.training.micro_batch_size=1"]
+SMOKE_DMD_OVERRIDES = ["experiment=hiar_fkl", "world=toy"]
 
 
 def _attend_once(plan_args: tuple, shape: tuple, device, dtype) -> wan.ChunkAttention:
