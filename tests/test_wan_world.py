@@ -1,12 +1,12 @@
 """The Wan world on tiny random umT5 / Wan-VAE models: original-format conversion, normalisation, streaming decode,
-missing files, configs. Original-format files are written by inverting the names here (independently of
-src/worlds/wan/convert.py) and are checked against diffusers' own VAE converter and a reference Wan T5 forward."""
+missing files, configs. Original-format files are written by the tiny-release generator (src/worlds/wan/tiny.py),
+which inverts the names independently of src/worlds/wan/convert.py; they are checked against diffusers' own VAE
+converter and a reference Wan T5 forward."""
 
 from __future__ import annotations
 
 import inspect
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from src.worlds.wan import WAN_NEGATIVE_PROMPT, WanTextEncoder, WanVAE, check_files, check_world_files
 from src.worlds.wan.convert import t5_original_to_transformers, umt5_config_from_original, vae_original_to_diffusers
 from src.worlds.wan.text import clean_prompt
+from src.worlds.wan.tiny import diffusers_to_wan_vae, tiny_tokenizer, tiny_umt5, tiny_vae
+from src.worlds.wan.tiny import transformers_to_wan_t5 as hf_to_wan_t5
 from src.worlds.wan.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TEXT_LEN = 16
-WORDS = "a the cat dog red blue ball runs jumps over under slowly fast big small on grass sky".split()
 # the string in Wan2.1 wan/configs/shared_config.py, copied as one piece
 NEG = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # noqa: E501
 TINY_VAE = dict(
@@ -35,112 +36,13 @@ TINY_VAE = dict(
 )
 
 
-# --------------------------------------------------------------------------------------------- original names
-
-
-def hf_to_wan_t5(state: dict) -> dict:
-    """transformers UMT5EncoderModel names -> Wan T5Encoder names (the inverse, written independently)."""
-    table = {
-        r"layer\.0\.SelfAttention\.([qkvo])\.weight": r"attn.\1.weight",
-        r"layer\.0\.SelfAttention\.relative_attention_bias\.weight": "pos_embedding.embedding.weight",
-        r"layer\.0\.layer_norm\.weight": "norm1.weight",
-        r"layer\.1\.layer_norm\.weight": "norm2.weight",
-        r"layer\.1\.DenseReluDense\.wi_0\.weight": "ffn.gate.0.weight",
-        r"layer\.1\.DenseReluDense\.wi_1\.weight": "ffn.fc1.weight",
-        r"layer\.1\.DenseReluDense\.wo\.weight": "ffn.fc2.weight",
-    }
-    out = {}
-    for key, value in state.items():
-        if key == "encoder.embed_tokens.weight":
-            continue
-        if key == "shared.weight":
-            out["token_embedding.weight"] = value
-        elif key == "encoder.final_layer_norm.weight":
-            out["norm.weight"] = value
-        else:
-            i, rest = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key).groups()
-            (new,) = [re.sub(pat, rep, rest) for pat, rep in table.items() if re.fullmatch(pat, rest)]
-            out[f"blocks.{i}.{new}"] = value
-    return out
-
-
-def diffusers_to_wan_vae(state: dict, num_res_blocks: int = 2) -> dict:
-    """diffusers AutoencoderKLWan names -> original Wan VAE names (the inverse, written independently)."""
-    inner = {"norm1.gamma": "residual.0.gamma", "norm2.gamma": "residual.3.gamma"}
-
-    def block(rest: str) -> str:
-        if rest in inner:
-            return inner[rest]
-        head, tail = rest.split(".", 1)
-        return {"conv1": "residual.2", "conv2": "residual.6", "conv_shortcut": "shortcut"}.get(head, head) + "." + tail
-
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] in ("quant_conv", "post_quant_conv"):
-            new = ("conv1." if parts[0] == "quant_conv" else "conv2.") + parts[1]
-        elif parts[1] == "conv_in":
-            new = f"{parts[0]}.conv1.{parts[2]}"
-        elif parts[1] == "norm_out":
-            new = f"{parts[0]}.head.0.gamma"
-        elif parts[1] == "conv_out":
-            new = f"{parts[0]}.head.2.{parts[2]}"
-        elif parts[1] == "mid_block":
-            idx = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{parts[2]}.{parts[3]}"]
-            new = f"{parts[0]}.middle.{idx}.{block('.'.join(parts[4:]))}"
-        elif parts[1] == "down_blocks":
-            new = f"encoder.downsamples.{parts[2]}.{block('.'.join(parts[3:]))}"
-        else:  # decoder.up_blocks.<level>.(resnets.<j>|upsamplers.0).<rest>
-            level, kind, j, rest = int(parts[2]), parts[3], int(parts[4]), ".".join(parts[5:])
-            flat = level * (num_res_blocks + 2) + (j if kind == "resnets" else num_res_blocks + 1)
-            new = f"decoder.upsamples.{flat}.{block(rest) if kind == 'resnets' else rest}"
-        out[new] = value
-    return out
-
-
-# --------------------------------------------------------------------------------------------- fixtures
-
-
-def _tiny_umt5():
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(0)
-    config = UMT5Config(
-        vocab_size=len(WORDS) + 3,
-        d_model=16,
-        d_kv=8,
-        d_ff=24,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        layer_norm_epsilon=1e-6,
-    )
-    model = UMT5EncoderModel(config).eval()
-    with torch.no_grad():  # non-trivial norms
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def t5_files(tmp_path_factory):
-    """A tiny umT5 in both formats plus a tokenizer folder (WordLevel, EOS appended), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
+    """A tiny umT5 in both formats plus a tokenizer folder (umT5-style Unigram, EOS appended), built offline."""
     root = tmp_path_factory.mktemp("t5")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(root / "tokenizer")
-    model = _tiny_umt5()
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    model = tiny_umt5(len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2)
     torch.save(hf_to_wan_t5(model.state_dict()), root / "t5.pth")
     model.save_pretrained(root / "text_encoder")
     return root, model
@@ -148,15 +50,8 @@ def t5_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_files(tmp_path_factory):
-    from diffusers import AutoencoderKLWan
-
     root = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    model = AutoencoderKLWan(**TINY_VAE).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
+    model = tiny_vae(TINY_VAE)
     torch.save(diffusers_to_wan_vae(model.state_dict()), root / "Wan2.1_VAE.pth")
     model.save_pretrained(root / "vae")
     return root, model
@@ -211,8 +106,12 @@ def test_text_encoder_from_original_matches_wan_reference(t5_files):
     prompts = ["a red  ball runs over the grass", "the big cat jumps &amp; the dog"]
     emb, mask = enc.encode(prompts)
     assert emb.shape == (2, TEXT_LEN, 16) and mask.shape == (2, TEXT_LEN) and mask.dtype == torch.bool
-    # words + EOS; cleaning collapses the double space and unescapes &amp; (an unknown word here)
-    assert mask.sum(1).tolist() == [8, 8]
+    # cleaning collapses the double space and unescapes &amp;; every real token (EOS last) is kept, padding zeroed
+    cleaned = [clean_prompt(p) for p in prompts]
+    assert cleaned[1] == "the big cat jumps & the dog"
+    ids = [enc.tokenizer(c)["input_ids"] for c in cleaned]
+    assert mask.sum(1).tolist() == [len(i) for i in ids] and all(i[-1] == enc.tokenizer.eos_token_id for i in ids)
+    assert ids[0] == enc.tokenizer("a red ball runs over the grass")["input_ids"]
     assert (emb[~mask] == 0).all() and (emb[mask].abs().sum(-1) > 0).all()
 
     tokens = enc.tokenizer(
@@ -434,6 +333,11 @@ def test_world_configs(monkeypatch):
     assert (wan.video.height, wan.video.width, wan.fps, wan.frames_per_block) == (480, 832, 16, 3)
     assert (wan.latent.channels, wan.latent.height, wan.latent.width) == (16, 60, 104)
     assert wan.student.dim == wan.critic.dim == 1536 and wan.teacher.dim == 5120
+    # ODE pairs come from the 1.3B base (as officially), DMD's real score from the 14B
+    assert wan.ode_teacher.dim == 1536 and wan.ode_teacher_checkpoint == "/data/wan13"
+    rooted = _world("toy", ["paths.root_dir=/r"])
+    assert rooted.ode_teacher == rooted.teacher and rooted.ode_teacher_checkpoint == "/r/assets/toy_teacher.safetensors"
+    assert wan.critic_init_which == toy.critic_init_which == "auto"
     assert wan.text_encoder.weights == "/data/wan13/models_t5_umt5-xxl-enc-bf16.pth"
     assert wan.codec.weights == "/data/wan13/Wan2.1_VAE.pth"
     assert wan.negative_prompt == wan.text_encoder.negative_prompt == WAN_NEGATIVE_PROMPT == NEG

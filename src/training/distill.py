@@ -76,11 +76,12 @@ def chord_x0(x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: float, sigma_b: floa
     return (x_a.double() - sigma_a * velocity).to(x_a.dtype)
 
 
-def load_world_model(config: dict, checkpoint: str | None) -> WanDiT:
-    """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given."""
+def load_world_model(config: dict, checkpoint: str | None, which: str = "auto") -> WanDiT:
+    """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given; `which`
+    picks the weights of a training checkpoint (generator_ema / generator / critic / model; auto: EMA if present)."""
     cfg = model_config(config)
     if checkpoint:
-        return load_dit(checkpoint, config=cfg)
+        return load_dit(checkpoint, which=which, config=cfg)
     return WanDiT(cfg)
 
 
@@ -90,6 +91,7 @@ class DistillTask(L.LightningModule):
         world: dict,
         sampler: dict,
         generator_init: str | None = None,
+        generator_init_which: str = "auto",
         export_dir: str | None = None,
         num_frames: int = 21,
         gen_update_ratio: int = 5,
@@ -119,7 +121,8 @@ class DistillTask(L.LightningModule):
         if not 1 <= int(fkl["num_steps"]) <= 4:
             raise ValueError("fkl.num_steps must be 1..4 (the saved trajectory has 4 chords)")
         self.save_hyperparameters({
-            "world": world, "sampler": sampler, "generator_init": generator_init, "export_dir": export_dir,
+            "world": world, "sampler": sampler, "generator_init": generator_init,
+            "generator_init_which": generator_init_which, "export_dir": export_dir,
             "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
@@ -134,9 +137,13 @@ class DistillTask(L.LightningModule):
             raise ValueError(f"min_exit_step must lie in [0, {self.sampler_cfg.num_steps})")
 
         base = world.get("critic_init") or world.get("teacher_checkpoint")
+        base_which = world.get("critic_init_which", "auto")
         self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint")).eval().requires_grad_(False)
-        self.critic = load_world_model(world["critic"], base)
-        self.generator = load_world_model(world["student"], generator_init or base)
+        self.critic = load_world_model(world["critic"], base, base_which)
+        if generator_init:
+            self.generator = load_world_model(world["student"], generator_init, generator_init_which)
+        else:
+            self.generator = load_world_model(world["student"], base, base_which)
         self.generator_ema: WanDiT | None = None
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         self.codec = hydra.utils.instantiate(world["codec"])

@@ -30,7 +30,7 @@ class OdeInitTask(L.LightningModule):
                                    "export_path": export_path,
                                    "model_config": plain(world["student"])})
         base = world.get("critic_init") or world.get("teacher_checkpoint")
-        self.generator = load_world_model(world["student"], base)
+        self.generator = load_world_model(world["student"], base, world.get("critic_init_which", "auto"))
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
 
     def regression_loss(self, trajectory: torch.Tensor, sigmas: torch.Tensor, prompts: list[str]) -> torch.Tensor:
