@@ -236,18 +236,20 @@ def gpu_attention_kernels():
 
 @contextlib.contextmanager
 def largest_kv_cache(record: dict):
-    """Records the largest KV cache (bytes) any forward leaves behind, in record["kv_cache"]."""
-    real_commit = wan.KVCache.commit_write
+    """Records the largest KV cache (bytes, KVCache.nbytes) seen when a forward places frames in it."""
+    name = next(n for n in ("place", "commit_write") if hasattr(wan.KVCache, n))
+    real = getattr(wan.KVCache, name)
 
-    def commit_write(cache):
-        real_commit(cache)
+    def recording(cache, *args, **kwargs):
+        out = real(cache, *args, **kwargs)
         record["kv_cache"] = max(record.get("kv_cache", 0), cache.nbytes())
+        return out
 
-    wan.KVCache.commit_write = commit_write
+    setattr(wan.KVCache, name, recording)
     try:
         yield
     finally:
-        wan.KVCache.commit_write = real_commit
+        setattr(wan.KVCache, name, real)
 
 
 def compute_mode(cfg: DictConfig, strategy: str) -> str:
