@@ -91,6 +91,10 @@ class HiAR:
         device = resolve_device(cfg.device)
         config = hydra.utils.instantiate(cfg.model_config) if cfg.model_config is not None else None
         model = load_dit(checkpoint, which=cfg.which, config=config, device=device, dtype=DTYPES[cfg.dtype]).eval()
+        if cfg.get("compile", False):  # compile each transformer block (src.models.compile); CLI: compile=true
+            from src.models.compile import compile_blocks
+
+            compile_blocks(model)
         text_encoder = hydra.utils.instantiate(cfg.world.text_encoder).to(device).eval()
         codec = hydra.utils.instantiate(cfg.world.codec).to(device).eval()
         latent = cfg.world.latent
