@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint bench bench-gpu eval vbench-env
+.PHONY: setup demo test lint bench bench-gpu gpu-check eval vbench-env
 
 setup: $(STAMP)
 
@@ -32,9 +32,17 @@ lint: setup
 
 bench: setup
 	$(PY) -m src.bench --out experiments/bench/cpu.json
+	$(PY) -m src.bench --throughput --throughput-out experiments/bench/throughput.json
 
+# BENCH_GPU_ARGS: e.g. "--smoke --dtype bfloat16" checks the bf16 code path on CPU
+BENCH_GPU_ARGS ?=
 bench-gpu: setup
-	$(PY) -m src.bench_gpu --out experiments/bench
+	$(PY) -m src.bench_gpu --out experiments/bench $(BENCH_GPU_ARGS)
+
+# The prepared first GPU run (< 8 min on one H100/H200): bench-gpu eager + compiled, a 1.3B DMD iteration against the
+# estimator, attention TFLOP/s per mode -> experiments/bench/gpu_check_<device>.json. `--smoke` checks it on CPU.
+gpu-check: setup
+	$(PY) -m src.gpu_check --out experiments/bench
 
 # Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
 # toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).

@@ -13,17 +13,24 @@ inside an RNG fence: the python, numpy, torch CPU and CUDA random states are sav
 the torch global seed is set to `seed` inside the fence, so a module that draws from the global generator still gets
 reproducible samples and a run with the callback has the same loss curve as one without.
 
+It runs when the optimizer-step count crosses a multiple of `every_n_steps` (a distillation iteration takes 1 or 2
+steps, so the count can jump over an exact multiple) and prints a line when it starts and ends.
+
 Logged: `drift/*` scalars to every logger (the combined drift, per-measure slopes, the first/last imaging-quality
 gap when MUSIQ is available, the frame-difference motion proxy, the toy-world oracle and VBench dimensions when
-enabled); the first video and the per-segment plot to WandbLogger / TensorBoardLogger. Files (plot PNG, first video
-mp4, JSON of the numbers) go to `<trainer.log_dir or default_root_dir>/drift/step_<N>/` for every logger.
+enabled); one grid video of every prompt (evaluation.video_io's writer: yuv420p, upscaled), the per-segment plot
+(seconds on the x-axis) and the drift score over training steps to WandbLogger / TensorBoardLogger. Files (plots,
+`samples.mp4`, JSON of the numbers) go to `<trainer.log_dir or default_root_dir>/drift/step_<N>/` for every logger,
+`history.json` / `history.png` to `drift/`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -45,7 +52,9 @@ from evaluation.vbench_runner import (
     default_cache_dir,
     run_vbench,
 )
-from evaluation.video_io import to_uint8, write_video
+from evaluation.video_io import grid, upscale_factor, view_frames, write_video
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -108,7 +117,8 @@ class DriftCallback(L.Callback):
         self.vbench_dimensions = list(vbench_dimensions)
         self._measures = None
         self._unavailable: dict[str, str] = {}
-        self._last_step = -1
+        self._last_step = 0
+        self.history: list[dict[str, float]] = []
 
     # -- set-up: fail early, before hours of training ------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -130,7 +140,7 @@ class DriftCallback(L.Callback):
     # -- the hook -------------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or step == self._last_step:
+        if step // self.every_n_steps == self._last_step // self.every_n_steps:
             return
         self._last_step = step
         if trainer.is_global_zero:
@@ -140,6 +150,8 @@ class DriftCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         """Sample, measure and log; returns the logged scalars."""
         device = torch.device(self.device) if self.device else pl_module.device
+        start = time.perf_counter()
+        log.info("drift @ step %d: sampling %d prompts x %d latent frames", step, len(self.prompts), self.num_frames)
         self._load(device)
         was_training = pl_module.training
         pl_module.eval()
@@ -176,7 +188,9 @@ class DriftCallback(L.Callback):
             )
         summary = summarise_method(results, None, vbench)
         metrics = self._scalars(summary["summary"], oracle_summary)
-        self._log(trainer, step, metrics, summary["segments"], videos[0], out_dir)
+        self._log(trainer, step, metrics, summary["segments"], videos, out_dir)
+        log.info("drift @ step %d: score %s (%.1f s) -> %s", step, metrics.get("drift/score"),
+                 time.perf_counter() - start, out_dir)
         return metrics
 
     @staticmethod
@@ -200,20 +214,44 @@ class DriftCallback(L.Callback):
                             metrics[f"drift/oracle_drift_{measure}_{stat}"] = float(v)
         return {k: float(v) for k, v in metrics.items()}
 
+    def _history_figure(self):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in ("drift/score", "drift/oracle_fidelity"):
+            points = [(h["step"], h[key]) for h in self.history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_xlabel("training step")
+        ax.set_title("drift over training")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
     def _log(self, trainer: L.Trainer, step: int, metrics: dict[str, float], segments: dict[str, list[float]],
-             video: torch.Tensor, out_dir: Path) -> None:
+             videos: torch.Tensor, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics, "segments": segments}, indent=2))
-        fig = segment_figure({"sample": segments}, title=f"drift, step {step}")
+        fig = segment_figure({"samples": segments}, title=f"drift, step {step}", duration_s=videos.shape[1] / self.fps)
         fig.savefig(out_dir / "segments.png", dpi=100)
-        video_path = write_video(out_dir / "sample.mp4", video, self.fps)
+        sheet = grid(videos)  # every prompt in one video
+        video_path = write_video(out_dir / "samples.mp4", sheet, self.fps)
+        self.history.append({"step": step, **metrics})
+        (out_dir.parent / "history.json").write_text(json.dumps(self.history, indent=2))
+        history = self._history_figure()
+        history.savefig(out_dir.parent / "history.png", dpi=100)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, WandbLogger):
                 logger.log_image("drift/segments", [str(out_dir / "segments.png")], step=step)
-                logger.log_video("drift/sample", [str(video_path)], step=step, fps=[self.fps], format=["mp4"])
+                logger.log_image("drift/history", [str(out_dir.parent / "history.png")], step=step)
+                # a file keeps its own frame rate: wandb warns when fps is passed with a path
+                logger.log_video("drift/samples", [str(video_path)], step=step)
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("drift/segments", fig, global_step=step, close=False)
-                clip = torch.from_numpy(to_uint8(video)).permute(0, 3, 1, 2)[None]  # [1, T, 3, H, W] uint8
-                logger.experiment.add_video("drift/sample", clip, global_step=step, fps=int(round(self.fps)))
+                logger.experiment.add_figure("drift/history", history, global_step=step, close=False)
+                factor = upscale_factor("auto", *sheet.shape[-2:])
+                clip = torch.from_numpy(view_frames(sheet, factor)).permute(0, 3, 1, 2)[None]  # [1, T, 3, H, W]
+                logger.experiment.add_video("drift/samples", clip, global_step=step, fps=int(round(self.fps)))
         plt.close(fig)
+        plt.close(history)

@@ -94,8 +94,10 @@ def _oracle_curve(oracle: dict) -> list[float] | None:
     return None
 
 
-def segment_figure(segments_by_method: dict[str, dict[str, list[float]]], title: str = "per-segment drift measures"):
-    """One subplot per measure, one line per method. Returns the matplotlib Figure (caller closes it)."""
+def segment_figure(segments_by_method: dict[str, dict[str, list[float]]], title: str = "per-segment drift measures",
+                   duration_s: float | None = None):
+    """One subplot per measure, one line per method; with the videos' duration, each segment's value is plotted at
+    its middle in seconds. Returns the matplotlib Figure (caller closes it)."""
     names = [m for m in [*DRIFT_MEASURES, "oracle_fidelity"] if any(m in s for s in segments_by_method.values())]
     if not names:
         raise ValueError("no per-segment values to plot")
@@ -106,9 +108,11 @@ def segment_figure(segments_by_method: dict[str, dict[str, list[float]]], title:
         for method, segs in segments_by_method.items():
             if name in segs:
                 values = segs[name]
-                ax.plot(range(1, len(values) + 1), values, marker="o", label=method)
+                x = [(i + 0.5) * duration_s / len(values) for i in range(len(values))] if duration_s \
+                    else range(1, len(values) + 1)
+                ax.plot(x, values, marker="o", label=method)
         ax.set_title(name)
-        ax.set_xlabel("segment")
+        ax.set_xlabel("time in the video (s)" if duration_s else "segment")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
@@ -138,11 +142,14 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         if oracle_curve is not None:
             curves[method]["oracle_fidelity"] = oracle_curve
     paths = {"json": out / "report.json", "md": out / "report.md", "segments_png": plots / "segments.png"}
-    fig = segment_figure(curves)
+    durations = [v["duration_s"] for r in methods.values() for v in r.get("videos", []) if v.get("duration_s")]
+    duration = sum(durations) / len(durations) if durations else None
+    fig = segment_figure(curves, duration_s=duration)
     fig.savefig(paths["segments_png"], dpi=110)
     plt.close(fig)
     for name in sorted({n for c in curves.values() for n in c}):
-        fig = segment_figure({m: {name: c[name]} for m, c in curves.items() if name in c}, title=name)
+        fig = segment_figure({m: {name: c[name]} for m, c in curves.items() if name in c}, title=name,
+                             duration_s=duration)
         paths[f"{name}_png"] = plots / f"{name}.png"
         fig.savefig(paths[f"{name}_png"], dpi=110)
         plt.close(fig)

@@ -19,6 +19,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -30,6 +31,9 @@ from evaluation.models import load_measures
 from evaluation.report import jsonable, summarise_method, write_report
 from evaluation.vbench_runner import LONG_VIDEO_S, VBenchUnavailable, check_vbench, run_vbench
 from evaluation.video_io import VideoEntry, list_videos, read_video, write_video
+from src import artifacts
+
+artifacts.setup_root()  # conf/paths reads $HIAR_ROOT
 
 log = logging.getLogger(__name__)
 REFERENCE_METHOD = "ground_truth"
@@ -157,7 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
     for method in methods:
         group = [e for e in entries if e.method == method]
         videos, scores, durations = [], [], []
-        for e in group:
+        for index, e in enumerate(group, 1):
+            start = time.perf_counter()
             frames, fps = read_video(e.path)
             fps = float(cfg.fps) if cfg.fps is not None else fps
             r = video_drift(frames, measures, fps, cfg.segments, weights, unavailable)
@@ -167,6 +172,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
                 r["oracle"] = jsonable(scores[-1])
             videos.append(r)
             durations.append(r["duration_s"])
+            log.info("%s %d/%d: %s (%.1f s of video, measured in %.1f s)", method, index, len(group), e.path.name,
+                     r["duration_s"], time.perf_counter() - start)
         oracle_summary = None
         if oracle is not None:
             oracle_summary = jsonable(oracle.summarise_scores(scores))

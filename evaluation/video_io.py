@@ -1,4 +1,5 @@
-"""Videos on disk: mp4 <-> [T, 3, H, W] tensors in [-1, 1], and the layout of an evaluation folder.
+"""Videos on disk: mp4 <-> [T, 3, H, W] tensors in [-1, 1] (one writer for every video the project makes), and the
+layout of an evaluation folder.
 
 Folder layout (`videos_dir`): one subfolder per method holding `.mp4` files, or `.mp4` files directly (one method,
 named after the folder). A video's prompt comes from, in order: an optional prompts JSON ({"method/file.mp4" or
@@ -9,10 +10,12 @@ named after the folder). A video's prompt comes from, in order: an optional prom
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v2 as imageio
 import imageio.v3 as iio
 import numpy as np
 import torch
@@ -46,15 +49,84 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def write_video(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
-    """[T, 3, H, W] in [-1, 1] -> H.264 mp4 (4:4:4 chroma, near-lossless: tiny toy frames keep their colours)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(
-        path, to_uint8(frames), fps=fps, plugin="FFMPEG", codec="libx264", pixelformat="yuv444p",
-        macro_block_size=1, output_params=["-crf", "4"],
-    )
-    return path
+def upscale_factor(spec: int | str, height: int, width: int) -> int:
+    """'auto': the smallest integer factor that makes the short side >= 256 px; else the given integer >= 1."""
+    if spec == "auto":
+        return max(1, math.ceil(256 / min(height, width)))
+    if int(spec) < 1:
+        raise ValueError(f"upscale must be 'auto' or an integer >= 1, got {spec}")
+    return int(spec)
+
+
+def view_frames(frames: torch.Tensor, factor: int) -> np.ndarray:
+    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H*factor, W*factor, 3] (nearest neighbour)."""
+    x = to_uint8(frames)
+    return x.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else x
+
+
+def grid(videos: torch.Tensor, columns: int | None = None, gap: int = 1) -> torch.Tensor:
+    """[B, T, 3, H, W] -> one video [T, 3, rows*(H+gap)-gap, columns*(W+gap)-gap], black between tiles."""
+    b, t, c, h, w = videos.shape
+    columns = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / columns)
+    out = torch.full((t, c, rows * (h + gap) - gap, columns * (w + gap) - gap), -1.0, dtype=videos.dtype)
+    for i, video in enumerate(videos):
+        r, k = divmod(i, columns)
+        out[:, :, r * (h + gap) : r * (h + gap) + h, k * (w + gap) : k * (w + gap) + w] = video
+    return out
+
+
+class VideoWriter:
+    """The one mp4 writer: H.264 in yuv420p (the chroma layout every browser plays), frames nearest-upscaled by
+    `upscale` ('auto': to >= 256 px, which also keeps 4:2:0 chroma from smearing tiny frames), appended as they come
+    (a streamed video is written block by block). Use as a context manager."""
+
+    def __init__(self, path: str | Path, fps: float, upscale: int | str = "auto", crf: int = 10):
+        self.path, self.fps, self.upscale, self.crf = Path(path), float(fps), upscale, crf
+        self._writer = None
+        self.factor: int | None = None
+
+    def append(self, frames: torch.Tensor) -> None:
+        """frames [T, 3, H, W] in [-1, 1]."""
+        if self._writer is None:
+            self.factor = upscale_factor(self.upscale, *frames.shape[-2:])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = imageio.get_writer(
+                str(self.path), fps=self.fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2,
+                quality=None, ffmpeg_log_level="error", output_params=["-crf", str(self.crf)])
+        for frame in view_frames(frames, self.factor):
+            self._writer.append_data(frame)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | Path, frames: torch.Tensor, fps: float, upscale: int | str = "auto") -> Path:
+    """[T, 3, H, W] in [-1, 1] -> mp4 through VideoWriter."""
+    with VideoWriter(path, fps, upscale) as writer:
+        writer.append(frames)
+    return Path(path)
+
+
+def pixel_format(path: str | Path) -> str:
+    """The pixel format of the file's video stream as ffmpeg reports it (e.g. yuv420p)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    info = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                          text=True).stderr
+    stream = next((line for line in info.splitlines() if "Video:" in line), None)
+    if stream is None:
+        raise ValueError(f"{path}: no video stream")
+    return stream.split("Video:")[1].split(",")[1].split("(")[0].strip()
 
 
 def prompt_from_filename(path: str | Path) -> str:

@@ -3,14 +3,23 @@
 * forward time per block in each attention mode (bidirectional / block-causal one pass / KV-cached), for the toy
   preset and a larger one;
 * the cost of KV-cached autoregressive generation against recomputing the whole prefix for every block (ratio);
-* each sampler's frames/s and first-block latency (src/sampling/bench.py).
+* each sampler's frames/s and first-block latency (src/sampling/bench.py);
+* ``--throughput``: step-first and block-first latent frames/s at 21 and 42 frames of this tree and of an older commit
+  (default efd1810, before the attention/KV-cache rework; extracted with ``git archive``), same weights, 1 and 2
+  threads, compile off and on (this tree only), by experiments/bench/throughput.py in subprocesses ->
+  experiments/bench/throughput.json. Run it under ``flock /tmp/hiar-cpu.lock`` on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,11 +84,61 @@ def bench_attention_modes(cfg: WanConfig, latent: tuple[int, int, int], num_bloc
     }
 
 
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT_SCRIPT = ROOT / "experiments" / "bench" / "throughput.py"
+
+
+def _throughput_run(code_root: Path, weights: Path, threads: int, compiled: bool) -> dict:
+    cmd = [sys.executable, str(THROUGHPUT_SCRIPT), "--weights", str(weights), "--threads", str(threads)]
+    cmd += ["--compile"] if compiled else []
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(code_root)}, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_throughput(before_commit: str, threads: tuple[int, ...] = (1, 2)) -> dict:
+    """Before (``before_commit``, compile off) and after (this tree, compile off and on), same weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        before_root = Path(tmp) / "before"
+        before_root.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", before_commit, "src"], capture_output=True,
+                                 check=True).stdout
+        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+            tar.extractall(before_root, filter="data")
+        weights = Path(tmp) / "weights.safetensors"
+        runs = {}
+        for t in threads:
+            runs[f"before/threads{t}"] = _throughput_run(before_root, weights, t, False)
+            for compiled in (False, True):
+                runs[f"after/threads{t}/{'compile' if compiled else 'eager'}"] = _throughput_run(ROOT, weights, t,
+                                                                                                  compiled)
+    speedups = {}
+    for key, run in runs.items():
+        if key.startswith("after/"):
+            before = runs[f"before/{key.split('/')[1]}"]["results"]
+            speedups[key] = {point: r["latent_frames_per_s"] / before[point]["latent_frames_per_s"]
+                             for point, r in run["results"].items()}
+    return {"before_commit": before_commit, "runs": runs, "speedup_over_before": speedups,
+            "timing": "best of 3 generations per point; taken while holding /tmp/hiar-cpu.lock on a 2-core machine "
+                      "shared with other jobs (outliers remain possible)"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/bench/cpu.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--throughput", action="store_true", help="only the before/after sampler throughput")
+    parser.add_argument("--before-commit", default="efd1810")
+    parser.add_argument("--throughput-out", default="experiments/bench/throughput.json")
     args = parser.parse_args()
+    if args.throughput:
+        from src.io import atomic_write_text
+
+        report = bench_throughput(args.before_commit)
+        report["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
+        atomic_write_text(args.throughput_out, json.dumps(report, indent=2))
+        print(json.dumps(report["speedup_over_before"], indent=2))
+        return
     torch.set_num_threads(args.threads)
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,

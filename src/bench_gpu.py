@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from src.models import wan
+from src.models.compile import compile_blocks
 from src.models.wan import WanConfig, WanDiT
 from src.sampling.bench import ForwardCounter
 from src.sampling.noise import NoiseBank
@@ -75,20 +76,27 @@ def forward_flops(cfg: WanConfig, rows: int, lq: int, lk: int) -> int:
 
 
 class ForwardShapes:
-    """Records (rows, Lq, Lk) of every DiT forward from the inputs of the first layer's self-attention, which both
-    ``WanDiT.forward`` and the wavefront's batched forward call exactly once per forward."""
+    """Records (rows, Lq, Lk) of every DiT forward (per cell for the wavefront) from the first block's inputs, which
+    both ``WanDiT.forward`` and the wavefront's batched forward call exactly once per forward. Lk: the keys per query
+    row the attention kernels are given (the widest query block's visible keys: no masked or padding keys remain)."""
 
     def __init__(self, model: WanDiT):
         self.model = model
         self.records: list[tuple[int, int, int]] = []
+        self.forwards = 0
 
     def _hook(self, module, args):
-        x, num_context_frames, tpf = args[0], args[5], args[6]
-        rows, lq = x.shape[0], x.shape[1]
-        self.records.append((rows, lq, num_context_frames * tpf + lq))
+        x, attn = args[0], args[4]
+        self.forwards += 1
+        lq = x.shape[1]
+        if isinstance(attn, wan.GroupedAttention):
+            for plan, rows in zip(attn.plans, attn.slices):
+                self.records.append((rows.stop - rows.start, lq, plan.key_tokens))
+        else:
+            self.records.append((x.shape[0], lq, attn.key_tokens))
 
     def __enter__(self) -> ForwardShapes:
-        self._handle = self.model.blocks[0].self_attn.register_forward_pre_hook(self._hook)
+        self._handle = self.model.blocks[0].register_forward_pre_hook(self._hook)
         return self
 
     def __exit__(self, *exc):
@@ -160,7 +168,7 @@ def timed_run(sampler: str, model: WanDiT, context: torch.Tensor, num_frames: in
         "total_s": total,
         "first_block_latency_s": first,
         "peak_memory_bytes": peak_memory(device),
-        "forwards": len(shapes.records) if sampler == "wavefront" else counter.forwards,
+        "forwards": shapes.forwards if sampler == "wavefront" else counter.forwards,
         "tokens": shapes.tokens,
         "flops": shapes.flops(),
     }
@@ -178,12 +186,13 @@ def timing(run: dict, num_frames: int, pixel_frames: int) -> dict:
 
 
 def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE, context: torch.Tensor, num_frames: int,
-                  latent_shape: Sequence[int], cfg: SamplerConfig, seed: int, peak_tflops: float) -> dict:
-    """The DiT-only run and the end-to-end run of one sampler at one length."""
+                  latent_shape: Sequence[int], cfg: SamplerConfig, seed: int, peak_tflops: float,
+                  end_to_end: bool = True) -> dict:
+    """The DiT-only run and (unless ``end_to_end`` is off) the end-to-end run of one sampler at one length."""
     pixel_frames = codec.num_pixel_frames(num_frames)
     num_blocks = num_frames // cfg.frames_per_block
     dit = timed_run(sampler, model, context, num_frames, latent_shape, cfg, seed, None)
-    e2e = timed_run(sampler, model, context, num_frames, latent_shape, cfg, seed, codec)
+    e2e = timed_run(sampler, model, context, num_frames, latent_shape, cfg, seed, codec) if end_to_end else None
     achieved = dit["flops"] / dit["total_s"]
     return {
         "num_latent_frames": num_frames,
@@ -198,7 +207,7 @@ def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE, context: torch.Ten
             "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak_tflops * 1e12),
         },
-        "end_to_end": timing(e2e, num_frames, pixel_frames),
+        "end_to_end": timing(e2e, num_frames, pixel_frames) if e2e is not None else None,
     }
 
 
@@ -239,7 +248,7 @@ def output_path(out: str, device_name: str) -> Path:
 def run(args: argparse.Namespace) -> dict:
     setup = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = setup["dtype"]
+    dtype = args.dtype or setup["dtype"]
     model_cfg = setup["model"] if args.smoke else WanConfig.from_dict(yaml.safe_load(MODEL_PRESET.read_text()))
     latent_shape = setup["latent_shape"]
     frames = args.frames or setup["frames"]
@@ -252,17 +261,21 @@ def run(args: argparse.Namespace) -> dict:
     with torch.device(device):
         model = WanDiT(model_cfg)
     model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
+    if args.compile:
+        compile_blocks(model)
     codec = random_vae(setup["vae"], dtype, device, args.seed)
     context = torch.randn(1, model_cfg.text_len, model_cfg.text_dim,
                           generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-    for sampler in SAMPLERS:  # warm-up: one untimed end-to-end run each
+    for sampler in SAMPLERS:  # warm-up (and compilation): one untimed end-to-end run each
         timed_run(sampler, model, context, min(frames), latent_shape, cfg, args.seed, codec)
     results = {
-        str(f): {s: bench_sampler(s, model, codec, context, f, latent_shape, cfg, args.seed, args.peak_tflops)
+        str(f): {s: bench_sampler(s, model, codec, context, f, latent_shape, cfg, args.seed, args.peak_tflops,
+                                  not args.no_end_to_end)
                  for s in SAMPLERS}
         for f in frames
     }
+    probe = torch.empty(1, 1, model_cfg.num_heads, model_cfg.head_dim, dtype=getattr(torch, dtype), device=device)
     return {
         "machine": machine(device),
         "setup": {
@@ -277,7 +290,10 @@ def run(args: argparse.Namespace) -> dict:
                         "window": cfg.window, "sink": cfg.sink, "context_level": cfg.context_level},
             "vae": {k: v for k, v in setup["vae"].items() if k not in ("latents_mean", "latents_std")},
             "vae_parameters": sum(p.numel() for p in codec.parameters()),
-            "flash_attn": wan.flash_attn_func is not None,
+            "attention_kernel": wan.attention_kernel(probe),
+            "masked_passes": "flex_attention (compiled) BlockMask" if device.type == "cuda" else
+            "unmasked calls per query block (LSE merge for sinks)",
+            "compile": args.compile,
             "peak_tflops": args.peak_tflops,
             "flops_formula": FLOPS_FORMULA,
             "matmul_params_per_token": matmul_params_per_token(model_cfg),
@@ -296,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="the device's dense bf16 peak for MFU (default: H100 SXM, %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny model and VAE on CPU, float32: checks the code path")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="model and VAE dtype (default bfloat16; float32 with --smoke)")
+    parser.add_argument("--compile", action="store_true", help="compile each transformer block (src.models.compile)")
+    parser.add_argument("--no-end-to-end", action="store_true", help="DiT runs only (no VAE decoding runs)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit(NO_GPU)

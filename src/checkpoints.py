@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from src.io import atomic_path
 from src.models.wan import WanConfig, WanDiT
 
 
@@ -116,14 +117,19 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return load_file(str(path)), metadata
 
 
-def _read_sharded(index_path: Path) -> dict:
+def _shard_files(index_path: Path) -> list[Path]:
+    """The shards an index json names, in order; one CheckpointError if any is missing."""
     weight_map = json.loads(index_path.read_text())["weight_map"]
     missing = sorted({s for s in weight_map.values() if not (index_path.parent / s).exists()})
     if missing:
         raise CheckpointError(f"{index_path} names shards that are missing: " + ", ".join(missing))
+    return [index_path.parent / s for s in sorted(set(weight_map.values()))]
+
+
+def _read_sharded(index_path: Path) -> dict:
     state = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(load_file(str(index_path.parent / shard)))
+    for shard in _shard_files(index_path):
+        state.update(load_file(str(shard)))
     return state
 
 
@@ -217,6 +223,43 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     model.load_state_dict(state_dict, strict=True)
 
 
+def _sharded_source(source: str | Path) -> tuple[Path, WanConfig | None] | None:
+    """(index json, config) when `source` is a sharded safetensors checkpoint (a folder or its index), else None."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            path = path / "transformer"
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if not indexes:
+            return None
+        index = indexes[0]
+    elif path.name.endswith(".safetensors.index.json"):
+        index = path
+    else:
+        return None
+    config_file = index.parent / "config.json"
+    return index, (WanConfig.from_json(config_file) if config_file.exists() else None)
+
+
+def _require_config(config: WanConfig | None, source) -> None:
+    if config is None:
+        raise CheckpointError(f"{source}: the checkpoint carries no model config; pass config= (e.g. a conf/model preset)")
+
+
+def _cast(tensor: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors to `dtype` (others keep theirs), on `device`; one copy at most."""
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
+
+
+def _assign(model: WanDiT, part: dict, device, dtype: torch.dtype | None) -> None:
+    """Move `part` into the model in the target dtype, replacing its (meta) parameters; `part` is emptied as it goes,
+    so each checkpoint tensor and its cast copy coexist one tensor at a time."""
+    for key in list(part):
+        part[key] = _cast(part[key], device, dtype)
+    model.load_state_dict(part, strict=False, assign=True)
+    part.clear()
+
+
 def load_dit(
     source: str | Path,
     *,
@@ -226,26 +269,52 @@ def load_dit(
     dtype: torch.dtype | None = None,
 ) -> WanDiT:
     """Build a WanDiT from any supported checkpoint. `which` picks generator_ema / generator / critic in training
-    checkpoints ("auto": EMA if present). `config` is needed only when the source carries none."""
-    state, found = read_state_dict(source, which)
+    checkpoints ("auto": EMA if present). `config` is needed only when the source carries none.
+
+    The model is built on the meta device and the checkpoint tensors are assigned to it in `dtype` (their own dtype
+    when None): no randomly initialised copy, no full-size copy in another dtype. A sharded checkpoint (the 14B
+    release) is read shard by shard: at most one shard's tensors are in host memory at a time."""
     if isinstance(config, dict):
         config = WanConfig.from_dict(config)
-    config = config or found
-    if config is None:
-        raise CheckpointError(f"{source}: the checkpoint carries no model config; pass config= (e.g. a conf/model preset)")
-    with torch.device("meta"):
-        model = WanDiT(config)
-    check_state_dict(model, state, str(source))
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype) if dtype is not None else model
+    sharded = _sharded_source(source)
+    if sharded is not None:
+        index, found = sharded
+        config = config or found
+        _require_config(config, source)
+        with torch.device("meta"):
+            model = WanDiT(config)
+        shards = _shard_files(index)
+        shapes = {}
+        for shard in shards:  # names and shapes from the headers only: everything is checked before any load
+            with safe_open(str(shard), framework="pt") as f:
+                shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+        if any(k.startswith(("condition_embedder.", "proj_out.")) for k in shapes):
+            shapes = diffusers_to_wan(shapes)
+        check_state_dict(model, shapes, str(source))
+        for shard in shards:
+            part = load_file(str(shard))
+            if any(k.startswith(("condition_embedder.", "proj_out.")) for k in part):
+                part = diffusers_to_wan(part)
+            _assign(model, part, device, dtype)
+    else:
+        state, found = read_state_dict(source, which)
+        config = config or found
+        _require_config(config, source)
+        with torch.device("meta"):
+            model = WanDiT(config)
+        check_state_dict(model, state, str(source))
+        _assign(model, state, device, dtype)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # check_state_dict saw every key; this guards non-persistent state a future model might add
+        raise CheckpointError(f"{source}: no weights for {left[:5]}")
+    return model
 
 
 def save_dit(model: WanDiT, path: str | Path) -> None:
     """Our own format: safetensors with the original Wan names and the config in the metadata."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"config": json.dumps(model.cfg.to_dict())})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(model.cfg.to_dict())})
 
 
 def export_training_checkpoint(path: str | Path, **models: torch.nn.Module | dict | None) -> None:
@@ -257,5 +326,5 @@ def export_training_checkpoint(path: str | Path, **models: torch.nn.Module | dic
             continue
         state = module.state_dict() if isinstance(module, torch.nn.Module) else module
         out[name] = {"model." + k: v.detach().contiguous().cpu() for k, v in state.items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)

@@ -3,14 +3,15 @@
     teacher (shipped in assets/, else trained) -> ODE pairs -> ODE init -> hiar_fkl (DMD + step-first + forward-KL)
     -> 20 s step-first generations for held-out prompts -> oracle / drift report
 
-Each stage is its own `python -m ...` process with Hydra overrides, so the demo exercises exactly the CLI. It ends by
-printing the paths of the videos and the report, and the seconds each stage took.
+Each stage is its own `python -m ...` process with Hydra overrides, so the demo exercises exactly the CLI. A stage is
+rebuilt exactly when its published output is missing or its manifest disagrees with what the stage would make now
+(its settings, its input weights, or an upstream stage that was rebuilt; src/artifacts.py). It ends by printing the
+paths of the videos and the report, and the seconds each stage took.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -18,11 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from src.artifacts import stale_reason
 from src.training.teacher import export_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 # Stage sizes that keep the chain within ~10 minutes on 2 CPU cores (the world's defaults are the ablation's sizes);
 # overrides given on the command line come later and win.
+STAGES = ["ode_pairs", "ode_init", "hiar_fkl"]
 DEMO_SIZES = ["world.training.num_ode_pairs=64", "world.training.ode_init_steps=200",
               "world.training.distill_steps=180"]
 
@@ -35,19 +41,17 @@ def run(stage: str, args: list[str], timings: dict) -> None:
     print(f"=== {stage} done in {timings[stage]} s", flush=True)
 
 
-def stale_artifacts(artifacts: Path, teacher: Path) -> bool:
-    """True if artifacts exist that another teacher made (artifacts/teacher.sha256 records the one that made them)."""
-    stamp = artifacts / "teacher.sha256"
-    if not artifacts.exists() or not any(artifacts.iterdir()):
-        return False
-    return not stamp.exists() or stamp.read_text().strip() != hashlib.sha256(teacher.read_bytes()).hexdigest()
+def stage_config(stage: str, overrides: list[str]) -> DictConfig:
+    """The config `python -m src.train experiment=<stage> <overrides>` would run with."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={stage}", *overrides])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where the artifacts, videos and report go")
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate 20 s videos for")
-    parser.add_argument("--fresh", action="store_true", help="recompute every stage (default: reuse finished ones)")
+    parser.add_argument("--fresh", action="store_true", help="recompute every stage (default: reuse current ones)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage")
     args = parser.parse_args(argv)
 
@@ -63,19 +67,17 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoints = sorted((out / "logs" / "teacher_toy" / "runs").glob("*/checkpoints/last.ckpt"))
         export_teacher(checkpoints[-1], teacher)  # the newest run's EMA weights
 
-    if args.fresh or stale_artifacts(artifacts, teacher):
-        print(f"recomputing every stage: clearing {artifacts}" + ("" if args.fresh else " (made with another teacher)"))
-        shutil.rmtree(artifacts, ignore_errors=True)  # the ODE-pair stage resumes from existing shards otherwise
-        args.fresh = True
-    artifacts.mkdir(parents=True, exist_ok=True)
-    (artifacts / "teacher.sha256").write_text(hashlib.sha256(teacher.read_bytes()).hexdigest())
-    if args.fresh or not any((artifacts / "ode_pairs").glob("ode-*.tar")):
-        run("ode_pairs", ["-m", "src.train", "experiment=ode_pairs", *common], timings)
-    if args.fresh or not (artifacts / "ode_init.safetensors").exists():
-        run("ode_init", ["-m", "src.train", "experiment=ode_init", *common], timings)
-    student = artifacts / "hiar_fkl" / "student.safetensors"
-    if args.fresh or not student.exists():
-        run("hiar_fkl", ["-m", "src.train", "experiment=hiar_fkl", *common], timings)
+    if args.fresh:
+        print(f"recomputing every stage: clearing {artifacts}")
+        shutil.rmtree(artifacts, ignore_errors=True)
+    for stage in STAGES:  # in order: a rebuilt stage makes the ones after it stale
+        reason = stale_reason(stage_config(stage, common))
+        if reason is None:
+            print(f"=== {stage}: up to date ({artifacts / stage})")
+        else:
+            print(f"=== {stage}: rebuilding ({reason})")
+            run(stage, ["-m", "src.train", f"experiment={stage}", *common], timings)
+    student = artifacts / STAGES[-1] / "student.safetensors"
 
     report_dir = out / "report"
     run("generate_and_report", [

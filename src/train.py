@@ -1,19 +1,30 @@
 """Training entry point: `python -m src.train experiment=hiar_fkl` (any stage is an experiment config).
 
-Thin on purpose: compose, instantiate the datamodule, the LightningModule, callbacks, loggers and trainer, fit.
+Thin on purpose: compose, check the stage's inputs against their manifests, instantiate the datamodule, the
+LightningModule, callbacks, loggers and trainer, fit; then write the export's manifest and publish it (src/artifacts.py).
+The resolved config is saved as <run>/config.yaml, not printed.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
+from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from src import artifacts
+from src.io import atomic_write_text
 from src.training.reliability import AtomicCheckpointIO, validate_config
 
 log = logging.getLogger(__name__)
+CONF = Path(__file__).resolve().parents[1] / "conf"
+artifacts.share_run_id_with_sweep_jobs(sys.argv[1:])
 
 
 def instantiate_all(node: DictConfig | None) -> list:
@@ -23,10 +34,43 @@ def instantiate_all(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator lines, cloud tips) and the notice about the frozen teacher being
+    in eval mode (intended: it is frozen) out of the console."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def why_not_publish(cfg: DictConfig) -> str | None:
+    """None when the stage's export may be published; else why not."""
+    if not cfg.get("publish", True):
+        return "publish=false"
+    if cfg.trainer.get("fast_dev_run"):
+        return "fast_dev_run"
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "a sweep job (publish one by re-running it alone)"
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(OmegaConf.to_container(cfg, resolve=True))  # types, ranges, outputs, input files: before any work
+    stage = artifacts.stage_of(cfg)
+    used = artifacts.check_inputs(cfg)  # before any work: a missing or stale input is refused here
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run folder: %s (resolved config in config.yaml)", output_dir)
+
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data) if cfg.get("data") else None
     module = hydra.utils.instantiate(cfg.task, _recursive_=False)
     trainer = hydra.utils.instantiate(
@@ -36,17 +80,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
         **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
         plugins=[AtomicCheckpointIO()],  # atomic checksummed finite saves, weights_only loads
     )
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("mode", "fit") == "predict":  # generation stages (ODE pairs) write through prediction callbacks
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     else:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+
+    if stage is not None and trainer.is_global_zero:
+        export_dir = Path(str(cfg.paths.export_dir))
+        manifest = artifacts.write_manifest(export_dir, cfg, stage, used)
+        reason = why_not_publish(cfg) if manifest["files"] else "nothing was exported"
+        if reason is None:
+            target = artifacts.publish(export_dir, cfg.paths.artifacts_dir, stage.name)
+            log.info("published %s %s -> %s", stage.name, manifest["id"], target)
+        else:
+            log.info("%s %s kept in %s, not published: %s", stage.name, manifest["id"], export_dir, reason)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    if cfg.get("task") is None:
+        raise SystemExit(f"choose a stage: python -m src.train experiment=<{'|'.join(experiments())}>")
+    quiet_lightning()
+    try:
+        metrics = train(cfg)
+    except (artifacts.MissingStageError, artifacts.ProvenanceError) as err:
+        raise SystemExit(f"error: {err}") from None
     monitored = cfg.get("optimized_metric")
     return metrics.get(monitored) if monitored else None
 

@@ -65,3 +65,22 @@ def write_pair_shards(shard_dir: str | Path, count: int, shape: tuple, per_shard
         write_checksum(path)
         paths.append(path)
     return paths
+
+
+def write_pair_manifest(shard_dir: str | Path, consumer_overrides: list[str]) -> dict:
+    """The provenance record (src/artifacts.py) of hand-written pair shards, made to match the consumer composed from
+    ``consumer_overrides``: the settings and ODE-teacher digest it will check, and the shards' digests."""
+    from hydra import compose, initialize_config_dir
+
+    from src.artifacts import MANIFEST, ODE_PAIRS, file_digest, input_file_digests, settings_of
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[o for o in consumer_overrides if not o.startswith("hydra.")])
+    shard_dir = Path(shard_dir)
+    manifest = {"id": "hand-written-shards", "stage": ODE_PAIRS.name, "settings": settings_of(cfg, ODE_PAIRS, "consumer"),
+                "input_files": input_file_digests(cfg, ODE_PAIRS), "inputs": {}, "run_dir": None,
+                "command": ODE_PAIRS.command,
+                "files": {p.name: file_digest(p) for p in sorted(shard_dir.iterdir()) if p.name != MANIFEST}}
+    (shard_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest

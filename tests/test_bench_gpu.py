@@ -61,3 +61,28 @@ def test_flops_formula():
     attn = 30 * 4 * lq * (lq + 512) * 1536
     assert bench_gpu.forward_flops(cfg, 1, lq, lq) == 2 * lq * bench_gpu.matmul_params_per_token(cfg) + attn
     assert bench_gpu.forward_flops(cfg, 2, lq, 2 * lq) > 2 * bench_gpu.forward_flops(cfg, 1, lq, lq)
+
+
+def test_gpu_check_smoke(tmp_path):
+    """`make gpu-check`'s code path on CPU: bench-gpu, the attention modes with their useful TFLOP/s, and the DMD part
+    (the estimator's functions, or a recorded reason why they are unavailable), in one JSON."""
+    from src import gpu_check
+
+    torch.set_num_threads(1)
+    report = gpu_check.main(["--smoke", "--out", str(tmp_path), "--skip", "compile"])
+    written = json.loads((tmp_path / "gpu_check_cpu-smoke.json").read_text())
+    assert written["machine"]["device"] == "cpu-smoke" and written["bench_compiled"] is None
+    assert set(written["bench_eager"]["results"]) == {"6", "9"}
+    assert written["bench_eager"]["setup"]["attention_kernel"] == "sdpa"
+    modes = written["attention_modes"]
+    assert set(modes) == {"bidirectional", "block_causal_one_pass", "cached_steady_state", "cached_window_and_sinks",
+                          "fused_two_blocks"}
+    for name, m in modes.items():
+        assert "error" not in m, (name, m)
+        assert m["flops"] > 0 and m["tflops_per_s"] > 0
+    assert modes["bidirectional"]["visible_pairs"] == (9 * 6) ** 2 and modes["bidirectional"]["calls_per_layer"] == 1
+    assert modes["cached_steady_state"]["cache_mode"] == "in_place"
+    assert modes["cached_steady_state"]["visible_pairs"] == 3 * 6 * 6 * 6  # a full window of 6 frames, no mask
+    dmd = written["dmd_iteration"]
+    assert ("error" in dmd and "not available" in dmd["error"]) or {"estimated", "measured"} <= set(dmd)
+    assert report["seconds"]["total"] > 0

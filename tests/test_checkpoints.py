@@ -36,16 +36,71 @@ def test_original_wan_release_folder(tiny_model, tiny_config, tmp_path):
     assert _same_weights(load_dit(tmp_path), tiny_model)
 
 
-def test_sharded_original_checkpoint(tiny_model, tiny_config, tmp_path):
-    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+def write_sharded(model, folder, num_shards=2):
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    size = -(-len(keys) // num_shards)
+    shards = {f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors": keys[i * size:(i + 1) * size]
+              for i in range(num_shards)}
     for name, part in shards.items():
-        save_file({k: state[k] for k in part}, str(tmp_path / name))
+        save_file({k: state[k] for k in part}, str(folder / name))
     weight_map = {k: name for name, part in shards.items() for k in part}
-    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_original_checkpoint(tiny_model, tiny_config, tmp_path):
+    write_sharded(tiny_model, tmp_path)
     assert _same_weights(load_dit(tmp_path, config=tiny_config), tiny_model)
+
+
+def _assert_bf16_copy(loaded, model):
+    want = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.bfloat16 and not value.is_meta, key
+        assert torch.equal(value, want[key].to(torch.bfloat16)), key  # the same rounding as a cast
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_bf16_load_of_a_single_file(tiny_model, tmp_path):
+    save_dit(tiny_model, tmp_path / "m.safetensors")
+    loaded = load_dit(tmp_path / "m.safetensors", dtype=torch.bfloat16)
+    _assert_bf16_copy(loaded, tiny_model)
+    x, ctx = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 8, 16)
+    out = loaded(x, torch.tensor([500.0]), ctx)  # the bf16 model runs a forward
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+
+
+def test_bf16_load_of_a_sharded_checkpoint_streams_shard_by_shard(tiny_model, tiny_config, tmp_path, monkeypatch):
+    import src.checkpoints as checkpoints
+
+    write_sharded(tiny_model, tmp_path, num_shards=3)
+    real_load_file, parts = checkpoints.load_file, []
+
+    def recording_load_file(path):
+        assert all(not part for part in parts), "an earlier shard was still in memory"
+        parts.append(real_load_file(path))
+        return parts[-1]
+
+    monkeypatch.setattr(checkpoints, "load_file", recording_load_file)
+    loaded = load_dit(tmp_path, config=tiny_config, dtype=torch.bfloat16)
+    assert len(parts) == 3
+    _assert_bf16_copy(loaded, tiny_model)
+
+
+def test_sharded_checkpoint_with_a_bad_shape_loads_nothing(tiny_model, tiny_config, tmp_path, monkeypatch):
+    import src.checkpoints as checkpoints
+
+    write_sharded(tiny_model, tmp_path)
+    name = "diffusion_pytorch_model-00002-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    part = load_file(str(tmp_path / name))
+    key = sorted(part)[0]
+    part[key] = torch.zeros(7)
+    save_file(part, str(tmp_path / name))
+    monkeypatch.setattr(checkpoints, "load_file", lambda path: pytest.fail("a shard was read before the check"))
+    with pytest.raises(CheckpointError, match=key):
+        load_dit(tmp_path, config=tiny_config)
 
 
 def test_diffusers_transformer_folder(tiny_model, tiny_config, tmp_path):

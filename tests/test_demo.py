@@ -1,17 +1,40 @@
-"""The demo reuses finished stages only when the same teacher made them."""
+"""src.demo rebuilds exactly the stages whose inputs changed (and those downstream of them), nothing else."""
 
-import hashlib
+import os
 
-from src.demo import stale_artifacts
+import src.demo as demo
+from src import artifacts
 
 
-def test_artifacts_of_another_teacher_are_stale(tmp_path):
-    teacher, artifacts = tmp_path / "teacher.safetensors", tmp_path / "artifacts"
-    teacher.write_bytes(b"weights v1")
-    assert not stale_artifacts(artifacts, teacher)  # nothing made yet
-    (artifacts / "ode_pairs").mkdir(parents=True)
-    assert stale_artifacts(artifacts, teacher)  # made by an unknown teacher
-    (artifacts / "teacher.sha256").write_text(hashlib.sha256(b"weights v1").hexdigest())
-    assert not stale_artifacts(artifacts, teacher)
-    teacher.write_bytes(b"weights v2")
-    assert stale_artifacts(artifacts, teacher)
+def test_demo_rebuilds_exactly_the_changed_stages(tmp_path, monkeypatch):
+    ran: list[str] = []
+    builds = iter(range(100))
+
+    def fake_run(stage, args, timings):
+        """Stands in for a stage's process: publishes an export with the manifest that stage would write."""
+        ran.append(stage)
+        if stage not in demo.STAGES:
+            return
+        run_dir = tmp_path / "runs" / str(next(builds))
+        cfg = demo.stage_config(stage, [*args[3:], f"paths.output_dir={run_dir}"])
+        export = run_dir / "export"
+        export.mkdir(parents=True)
+        (export / "weights.bin").write_bytes(os.urandom(8))
+        published = tmp_path / "demo/artifacts"
+        used = {n: artifacts.read_manifest(published / n) for n in artifacts.stage_of(cfg).inputs}
+        artifacts.write_manifest(export, cfg, artifacts.stage_of(cfg), used)
+        artifacts.publish(export, published, stage)
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    out = str(tmp_path / "demo")
+    demo.main(["--out", out])
+    assert ran == ["ode_pairs", "ode_init", "hiar_fkl", "generate_and_report"]
+    ran.clear()
+    demo.main(["--out", out])
+    assert ran == ["generate_and_report"]
+    ran.clear()
+    demo.main(["--out", out, "world.training.distill_steps=5"])
+    assert ran == ["hiar_fkl", "generate_and_report"]
+    ran.clear()
+    demo.main(["--out", out, "world.training.distill_steps=5", "ode_pairs.guidance=3.0"])
+    assert ran == ["ode_pairs", "ode_init", "hiar_fkl", "generate_and_report"]

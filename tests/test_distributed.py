@@ -1,9 +1,10 @@
 """Distributed DMD on CPU: 2 processes (gloo) under `ddp` and `deepspeed_zero2` give the losses of 1 process with the
-same effective batch; every rank draws the same exit steps; a ZeRO-2 checkpoint resumes to the same next loss.
+same global batch; every rank draws the same exit steps; a ZeRO-2 checkpoint resumes to the same next loss.
 
-Each 2-process run is `torchrun --nproc_per_node=2` on this file (127.0.0.1, a free port). The global batch holds
-2 different prompts; rank r gets sample r. The 1-process references run in this process: batch 2, and batch 2 cut
-into 2 micro-batches (grad_accumulation=2).
+Each 2-process run is `torchrun --nproc_per_node=2` on this file (127.0.0.1, a free port). The global batch
+(world.training.batch_size semantics) holds 4 different prompts, split by `batch_plan` with micro-batches of 1: each
+rank gets 2 contiguous samples in 2 accumulated micro-batches. The 1-process references run in this process: batch 4
+in one forward, and batch 4 in 4 accumulated micro-batches.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distill import SAMPLER, TINY_MODEL, tiny_world  # noqa: E402
 
 from src.checkpoints import save_dit  # noqa: E402
+from src.distributed.config import batch_plan  # noqa: E402
 from src.models.wan import WanConfig, WanDiT  # noqa: E402
 from src.training.distill import DistillTask  # noqa: E402
 
-PROMPTS = ["a red circle moving left on a gray background", "a blue square moving up on a black background"]
+PROMPTS = ["a red circle moving left on a gray background", "a blue square moving up on a black background",
+           "a green triangle moving right on a white background", "a yellow circle moving down on a gray background"]
+GLOBAL_BATCH = len(PROMPTS)
 ITERATIONS = 3
 GEN_RATIO = 2  # iterations 0 and 2 update the generator: 5 optimizer steps
 STEPS = sum(1 + (i % GEN_RATIO == 0) for i in range(ITERATIONS))
@@ -38,20 +42,23 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 def global_batch() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"trajectory": torch.randn(2, 5, 6, 12, 4, 4, generator=g),
-            "sigmas": torch.tensor([[1.0, 0.96, 8 / 9, 8 / 11, 0.0]] * 2), "prompt": list(PROMPTS)}
+    return {"trajectory": torch.randn(GLOBAL_BATCH, 5, 6, 12, 4, 4, generator=g),
+            "sigmas": torch.tensor([[1.0, 0.96, 8 / 9, 8 / 11, 0.0]] * GLOBAL_BATCH), "prompt": list(PROMPTS)}
 
 
 class RankBatches(torch.utils.data.IterableDataset):
-    """The same global batch every iteration; this rank's contiguous share of it."""
+    """The same global batch every iteration; this rank's share of it as DistillTask.positions numbers samples:
+    micro-batch m of rank r holds global samples (m * world + r) * micro ... + micro - 1."""
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, micro: int = 1):
+        self.rank, self.world, self.micro = rank, world, micro
 
     def __iter__(self):
-        b, n = global_batch(), 2 // self.world
+        b, n = global_batch(), batch_plan(GLOBAL_BATCH, self.world)["rank_batch_size"]
+        first = [(m * self.world + self.rank) * self.micro for m in range(n // self.micro)]
+        index = [i for f in first for i in range(f, f + self.micro)]
         while True:
-            yield {k: v[self.rank * n:(self.rank + 1) * n] for k, v in b.items()}
+            yield {k: [v[i] for i in index] if isinstance(v, list) else v[index] for k, v in b.items()}
 
 
 class Record(L.Callback):
@@ -106,7 +113,10 @@ def worker(args: dict) -> None:
     else:
         strategy = DeepSpeedEnginesStrategy(stage=2, bf16=False, frozen_dtype="float32")
     root = Path(args["root"])
-    record = fit(args["teacher"], root, strategy, rank=rank, world=world, max_steps=args["max_steps"],
+    plan = batch_plan(GLOBAL_BATCH, world, micro_batch_size=1)
+    assert plan["grad_accumulation"] == 2
+    record = fit(args["teacher"], root, strategy, grad_accumulation=plan["grad_accumulation"], rank=rank, world=world,
+                 max_steps=args["max_steps"],
                  ckpt_path=args.get("ckpt_path"), save_after=args.get("save_after"))
     (root / f"record-{rank}.json").write_text(json.dumps({"losses": record.losses, "exit_steps": record.exit_steps}))
 
@@ -145,10 +155,11 @@ def teacher(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference(teacher, tmp_path_factory) -> list[dict]:
-    """1 process, batch 2; the same with 2 accumulated micro-batches of 1 must give the same losses."""
+    """1 process, batch 4; the same with 4 accumulated micro-batches of 1 must give the same losses."""
     torch.set_num_threads(1)
     one = fit(teacher, tmp_path_factory.mktemp("one")).losses
-    accumulated = fit(teacher, tmp_path_factory.mktemp("acc"), grad_accumulation=2).losses
+    accumulated = fit(teacher, tmp_path_factory.mktemp("acc"),
+                      grad_accumulation=batch_plan(GLOBAL_BATCH, 1, micro_batch_size=1)["grad_accumulation"]).losses
     assert len(one) == ITERATIONS and {"train/dmd", "train/fkl", "train/critic"} <= one[0].keys()
     assert_same_losses(accumulated, one)
     return one
@@ -189,3 +200,27 @@ def test_launch_overrides():
 
 if __name__ == "__main__":
     worker(json.loads(sys.argv[1]))
+
+
+def test_global_batch_plan_of_the_documented_launches():
+    from hydra import compose, initialize_config_dir
+
+    assert batch_plan(64, 8, 1, 1) == {"world_size": 8, "rank_batch_size": 8, "micro_batch_size": 1,
+                                       "grad_accumulation": 8}
+    assert batch_plan(64, 8, 8, 1)["grad_accumulation"] == 1
+    assert batch_plan(8, [0, 1], 1, None) == {"world_size": 2, "rank_batch_size": 4, "micro_batch_size": 4,
+                                              "grad_accumulation": 1}
+    with pytest.raises(ValueError, match="world.training.batch_size=64"):
+        batch_plan(64, 3)
+    with pytest.raises(ValueError, match="world.training.micro_batch_size=3"):
+        batch_plan(64, 8, 1, 3)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for devices, nodes, accumulation in ((8, 1, 8), (8, 8, 1), (1, 1, 64)):
+            cfg = compose("train", overrides=["experiment=hiar_fkl", "world=wan2.1_1.3b", "trainer=gpu_bf16",
+                                              f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"])
+            assert cfg.data.batch_size == 64 // (devices * nodes)
+            assert cfg.task.grad_accumulation == accumulation
+            assert cfg.task.teacher_dtype == "bfloat16" and cfg.task.activation_checkpointing
+        cfg = compose("train", overrides=["experiment=hiar_fkl", "world=wan2.1_1.3b", "trainer.devices=3"])
+        with pytest.raises(Exception, match="not a positive multiple of trainer.devices x trainer.num_nodes = 3"):
+            _ = cfg.data.batch_size

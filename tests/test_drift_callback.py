@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.drift import DriftCallback, rng_fence
+from evaluation.video_io import pixel_format, read_video
 
 
 class TinyModule(L.LightningModule):
@@ -58,11 +59,17 @@ def test_callback_does_not_change_training(tmp_path):
     with_cb, trainer = train(tmp_path / "b", [callback])
     assert len(base) == 6 and base == with_cb
 
-    step_dirs = sorted((tmp_path / "b" / "csv" / "version_0" / "drift").iterdir())
+    step_dirs = sorted(d for d in (tmp_path / "b" / "csv" / "version_0" / "drift").iterdir() if d.is_dir())
     assert [d.name for d in step_dirs] == ["step_0000002", "step_0000004", "step_0000006"]
     metrics = json.loads((step_dirs[0] / "metrics.json").read_text())
     assert metrics["drift/score"] > 0 and metrics["drift/slope_hsv_saturation"] < 0  # (v - 0.1) / v falls
-    assert (step_dirs[0] / "segments.png").stat().st_size > 1000 and (step_dirs[0] / "sample.mp4").is_file()
+    assert (step_dirs[0] / "segments.png").stat().st_size > 1000
+    # all prompts in one grid video (2 prompts of 8 x 8 -> 8 x 17, upscaled x32), yuv420p so that browsers play it
+    frames, fps = read_video(step_dirs[0] / "samples.mp4")
+    assert frames.shape == (10, 3, 8 * 32, 17 * 32) and fps == 4.0
+    assert pixel_format(step_dirs[0] / "samples.mp4") == "yuv420p"
+    history = json.loads((step_dirs[0].parent / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4, 6] and (step_dirs[0].parent / "history.png").is_file()
     logged = (tmp_path / "b" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "drift/score" in logged and "drift/motion_proxy_frame_diff" in logged
 
@@ -87,3 +94,19 @@ def test_module_without_protocol_is_refused(tmp_path):
     callback = DriftCallback(prompts=["p"], every_n_steps=1, num_frames=10)
     with pytest.raises(TypeError, match="sample_videos"):
         callback.setup(L.Trainer(logger=False, accelerator="cpu", devices=1), Plain(), "fit")
+
+
+def test_fires_when_the_step_count_jumps_over_a_multiple(tmp_path):
+    """A distillation iteration takes 2 optimizer steps every gen_update_ratio-th time: 6 -> 8 skips 7."""
+    callback = DriftCallback(prompts=["p"], every_n_steps=7, num_frames=4)
+    fired = []
+    callback.evaluate = lambda trainer, module, step: fired.append(step)
+
+    class Trainer:
+        is_global_zero = True
+        strategy = type("S", (), {"barrier": staticmethod(lambda name: None)})()
+
+    for step in (2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15):
+        Trainer.global_step = step
+        callback.on_train_batch_end(Trainer, None, None, None, 0)
+    assert fired == [8, 14]

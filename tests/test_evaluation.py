@@ -140,7 +140,7 @@ def test_dinov2_loads_from_local_folder_only(tmp_path):
 
 def test_video_io_roundtrip_and_prompts(tmp_path):
     frames = constant_video((0.9, 0.1, 0.1), t=6, h=8, w=8)
-    write_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4", frames, fps=8)
+    write_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4", frames, fps=8, upscale=1)
     write_video(tmp_path / "m2" / "x-0.mp4", frames, fps=8)
     (tmp_path / "prompts.json").write_text(json.dumps({"m2/x-0.mp4": "a custom prompt"}))
     back, fps = read_video(tmp_path / "m1" / "a red circle moving left on a black background-3.mp4")
@@ -277,3 +277,27 @@ def test_generation_command_and_generated_prompts(tmp_path):
     (tmp_path / "gen" / "bf" / "settings.json").write_text(
         json.dumps({"videos": [{"prompt": "a red circle", "file": "0000_a_red.mp4"}]}))
     assert [e.prompt for e in list_videos(tmp_path / "gen")] == ["a red circle"]
+
+
+def test_fetch_weights_fills_the_layout_the_measures_check(tmp_path, monkeypatch):
+    """python -m evaluation.fetch_weights writes every file evaluation.models looks for (downloads stubbed)."""
+    import huggingface_hub
+
+    from evaluation import fetch_weights
+    from evaluation.models import DRIFT_MEASURES, _unavailable_reason
+
+    def snapshot(repo, local_dir, allow_patterns):
+        for name in allow_patterns:
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / name).write_bytes(b"x")
+
+    def hub_file(repo, filename, local_dir):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_bytes(b"x")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_file)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst: Path(dst).write_bytes(b"x"))
+    fetch_weights.main(["--out", str(tmp_path)])
+    for name in DRIFT_MEASURES:
+        assert "missing weights" not in (_unavailable_reason(name, tmp_path) or "")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reliability_faults import InfLossAt, write_pair_shards  # noqa: E402
+from reliability_faults import InfLossAt, write_pair_manifest, write_pair_shards  # noqa: E402
 from test_distill import SAMPLER, TINY_MODEL, tiny_world  # noqa: E402
 
 from src.checkpoints import save_dit  # noqa: E402
@@ -268,8 +268,8 @@ def cli(root: Path, teacher: str, *extra: str, ddp: bool = False) -> subprocess.
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     if ddp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "src.distributed.launch", *args, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-               "world.training.batch_size=1"]
+               "src.distributed.launch", *args, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+        # world.training.batch_size is the global batch: 2 samples, one per process
         env["HIAR_RUN_DIR"] = str(run_dir)
     else:
         cmd = [sys.executable, "-m", "src.train", *args]
@@ -288,7 +288,10 @@ def logged(root: Path) -> dict[str, dict[str, str]]:
 @pytest.mark.parametrize("ddp", [False, True], ids=["one_process", "ddp_2_processes"])
 def test_kill_9_and_resume_gives_the_straight_runs_losses(teacher, tmp_path, ddp):
     for root in (tmp_path / "straight", tmp_path / "killed"):
-        write_pair_shards(root / "artifacts" / "toy" / "ode_pairs", 6, SHAPE, per_shard=4)
+        shards = root / "artifacts" / "toy" / "ode_pairs"
+        write_pair_shards(shards, 6, SHAPE, per_shard=4)
+        write_pair_manifest(shards, ["experiment=hiar_fkl", *TINY_OVERRIDES, f"world.teacher_checkpoint={teacher}",
+                                     f"paths.root_dir={root}"])
     straight = cli(tmp_path / "straight", teacher, ddp=ddp)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = cli(tmp_path / "killed", teacher, "+callbacks.fault._target_=reliability_faults.KillAt",

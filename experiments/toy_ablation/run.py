@@ -85,7 +85,7 @@ def main(argv=None):
     timings: dict[str, float] = {}
     if not any((artifacts / "ode_pairs").glob("ode-*.tar")):
         run("ode_pairs", ["-m", "src.train", "experiment=ode_pairs", *common], timings)
-    if not (artifacts / "ode_init.safetensors").exists():
+    if not (artifacts / "ode_init" / "ode_init.safetensors").exists():
         run("ode_init", ["-m", "src.train", "experiment=ode_init", *common], timings)
     for student in STUDENTS:
         if not (artifacts / student / "student.safetensors").exists():

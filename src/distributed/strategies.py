@@ -15,7 +15,10 @@ Lightning's automatic optimisation passes the optimizer the same way). Each stra
   directories: ``lightning.ckpt`` (module state incl. the EMA, loops; rank 0) plus one DeepSpeed checkpoint per engine.
   Runs on CPU (``DS_ACCELERATOR=cpu``, gloo), which Lightning's own DeepSpeedStrategy refuses.
 * ``FSDP2Strategy`` (``fsdp2``): ``fully_shard`` per transformer block and per model, the frozen teacher sharded on
-  its own, activation checkpointing of the trained models; checkpoints through Lightning's ModelParallelStrategy.
+  its own; checkpoints through Lightning's ModelParallelStrategy.
+
+Activation checkpointing is not a strategy's business: it is the models' own per-block switch, which the task turns on
+(``world.training.activation_checkpointing``), so it is the same under every strategy and on one device.
 """
 
 from __future__ import annotations
@@ -166,9 +169,11 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
         }
 
     def setup(self, trainer) -> None:
-        if trainer.precision not in ("32-true", "32"):
-            raise ValueError(f"{type(self).__name__}: set precision with the strategy's bf16 flag and keep "
-                             f"trainer.precision=32-true (got {trainer.precision})")
+        if trainer.precision in ("bf16-mixed", "bf16"):  # the precision policy (trainer=gpu_bf16) is the bf16 flag
+            self.bf16 = True
+        elif trainer.precision not in ("32-true", "32"):
+            raise ValueError(f"{type(self).__name__}: use trainer.precision=bf16-mixed (trainer=gpu_bf16: bf16 engines "
+                             f"with fp32 master weights) or 32-true with strategy.bf16 (got {trainer.precision})")
         self.accelerator.setup(trainer)
         self.model_to_device()
         broadcast_module_states(self.model)
@@ -268,15 +273,14 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 without a configure_model() in the module: the strategy shards the children named in `shard` per block
-    (`fully_shard` on each element of `<child>.<block_attr>`, then on the child), frozen ones on their own, and turns
-    on activation checkpointing (the model's non-reentrant `gradient_checkpointing` flag) for those in `checkpoint`.
-    reshard_after_forward: True ~ ZeRO-3, False ~ ZeRO-2. GPU (NCCL) only."""
+    (`fully_shard` on each element of `<child>.<block_attr>`, then on the child), frozen ones on their own.
+    reshard_after_forward: True ~ ZeRO-3, False ~ ZeRO-2. GPU (NCCL) only. Under trainer.precision=bf16-mixed the
+    sharded parameters stay fp32 (master weights) and Lightning's autocast computes in bf16."""
 
-    def __init__(self, shard: list[str] = ("generator", "critic", "teacher"),
-                 checkpoint: list[str] = ("generator", "critic"), block_attr: str = "blocks",
+    def __init__(self, shard: list[str] = ("generator", "critic", "teacher"), block_attr: str = "blocks",
                  reshard_after_forward: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        self.shard_names, self.checkpoint_names = list(shard), list(checkpoint)
+        self.shard_names = list(shard)
         self.block_attr, self.reshard_after_forward = block_attr, reshard_after_forward
 
     def shard_module(self, module: nn.Module) -> None:
@@ -285,8 +289,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         for name in self.shard_names:
             child = getattr(module, name)
-            if name in self.checkpoint_names:
-                child.gradient_checkpointing = True
             for block in getattr(child, self.block_attr):
                 fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
             fully_shard(child, mesh=mesh, reshard_after_forward=self.reshard_after_forward)

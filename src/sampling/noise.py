@@ -43,5 +43,10 @@ class NoiseBank:
         return derived_seed(self.seed, kind, int(step), int(block))
 
     def noise(self, kind: str, step: int, block: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Drawn on the CPU (the same bits on every device and process); for a CUDA device into pinned memory and
+        copied without blocking the host, so the sampler's CPU thread keeps running ahead of the GPU."""
         generator = torch.Generator(device="cpu").manual_seed(self.address_seed(kind, step, block))
-        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        pinned = device.type == "cuda"
+        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32, pin_memory=pinned)
+        return noise.to(device=device, dtype=dtype, non_blocking=pinned)

@@ -20,12 +20,16 @@ optimizer (hence the model) a loss trains, so that a strategy with one engine pe
 N * (1 + 1/gen_update_ratio) steps. The EMA of the generator (decay 0.99 from iteration 200) is kept here rather than
 by Lightning's WeightAveraging callback, which averages the whole LightningModule (critic included) and swaps the
 averaged weights into the module at the end of fit; we need a separate generator_ema to export and to sample with.
+It is an fp32 shadow of the fp32 master weights (src/training/ema.py), optionally in host memory (`ema.device`).
+
+Precision policy (docs/distributed.md): fp32 master weights and optimizer states, bf16 compute (trainer=gpu_bf16),
+the frozen teacher stored in `teacher_dtype` (bf16 under that policy, loaded straight into it). Activation
+checkpointing of generator and critic is the models' own per-block switch, turned on here for every strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 import hydra
@@ -34,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
+from src.artifacts import verify_artifact
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
 from src.io import clean_partial
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
 from src.sampling.schedules import SamplerConfig, sample
 from src.schedule import add_noise, sample_training_timesteps, x0_from_velocity
+from src.training.ema import GeneratorEMA, master_parameters
 from src.training.reliability import (
     TASK_KEY,
     NonFiniteError,
@@ -86,13 +92,16 @@ def chord_x0(x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: float, sigma_b: floa
     return (x_a.double() - sigma_a * velocity).to(x_a.dtype)
 
 
-def load_world_model(config: dict, checkpoint: str | None, which: str = "auto") -> WanDiT:
+def load_world_model(config: dict, checkpoint: str | None, which: str = "auto",
+                     dtype: torch.dtype | None = None) -> WanDiT:
     """A world's model preset, with weights from `checkpoint` (any format src.checkpoints reads) when given; `which`
-    picks the weights of a training checkpoint (generator_ema / generator / critic / model; auto: EMA if present)."""
+    picks the weights of a training checkpoint (generator_ema / generator / critic / model; auto: EMA if present);
+    `dtype` (None: the checkpoint's) is the one the weights are loaded straight into, never materialised in fp32 first."""
     cfg = model_config(config)
     if checkpoint:
-        return load_dit(checkpoint, which=which, config=cfg)
-    return WanDiT(cfg)
+        return load_dit(checkpoint, which=which, config=cfg, dtype=dtype)
+    model = WanDiT(cfg)
+    return model if dtype is None else model.to(dtype)
 
 
 class DistillTask(L.LightningModule):
@@ -113,6 +122,8 @@ class DistillTask(L.LightningModule):
         seed: int = 0,
         grad_accumulation: int = 1,
         nonfinite: dict | None = None,
+        activation_checkpointing: bool = False,
+        teacher_dtype: str = "float32",
     ):
         super().__init__()
         world = plain(world)
@@ -120,7 +131,7 @@ class DistillTask(L.LightningModule):
         fkl = {"weight": 0.1, "num_steps": 1, "attention": "bidirectional", **(plain(fkl) if fkl else {})}
         optim = {"lr_generator": 2e-6, "lr_critic": 3e-7, "betas": [0.0, 0.999], "weight_decay": 0.01,
                  "grad_clip": 10.0, **(plain(optim) if optim else {})}
-        ema = {"decay": 0.99, "start": 200, **(plain(ema) if ema else {})}
+        ema = {"decay": 0.99, "start": 200, "device": None, **(plain(ema) if ema else {})}
         # K non-finite optimizer steps in a row stop the run; past this fraction of non-finite DMD gradient elements
         # the run stops (a few come from mean|x - real| = 0 samples, a broken teacher or critic gives all of them)
         nonfinite = {"max_consecutive_skips": 3, "dmd_max_fraction": 0.01, **(plain(nonfinite) if nonfinite else {})}
@@ -130,6 +141,8 @@ class DistillTask(L.LightningModule):
             raise ValueError(f"sampler.order must be one of {ROLLOUT_ORDERS}, got {order!r}")
         if fkl["attention"] not in FKL_ATTENTION:
             raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
+        if teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {teacher_dtype!r}")
         if int(grad_accumulation) < 1:
             raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
         if not 1 <= int(fkl["num_steps"]) <= 4:
@@ -140,7 +153,8 @@ class DistillTask(L.LightningModule):
             "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
-            "nonfinite": nonfinite, "model_config": model_config(world["student"]).to_dict(),
+            "nonfinite": nonfinite, "activation_checkpointing": bool(activation_checkpointing),
+            "teacher_dtype": teacher_dtype, "model_config": model_config(world["student"]).to_dict(),
         })
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen teacher is not stored in our checkpoints (on_load_checkpoint checks)
@@ -153,13 +167,17 @@ class DistillTask(L.LightningModule):
 
         base = world.get("critic_init") or world.get("teacher_checkpoint")
         base_which = world.get("critic_init_which", "auto")
-        self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint")).eval().requires_grad_(False)
-        self.critic = load_world_model(world["critic"], base, base_which)
+        self.teacher = load_world_model(world["teacher"], world.get("teacher_checkpoint"),
+                                        dtype=getattr(torch, teacher_dtype)).eval().requires_grad_(False)
+        self.critic = load_world_model(world["critic"], base, base_which, torch.float32)  # fp32 master weights
         if generator_init:
-            self.generator = load_world_model(world["student"], generator_init, generator_init_which)
+            verify_artifact(generator_init)  # the ODE init's files are those its manifest records
+            self.generator = load_world_model(world["student"], generator_init, generator_init_which, torch.float32)
         else:
-            self.generator = load_world_model(world["student"], base, base_which)
-        self.generator_ema: WanDiT | None = None
+            self.generator = load_world_model(world["student"], base, base_which, torch.float32)
+        for model in (self.generator, self.critic):  # the model's own switch, set from outside (any strategy)
+            model.gradient_checkpointing = bool(activation_checkpointing)
+        self.ema: GeneratorEMA | None = None  # not a submodule: never moved or cast by Lightning
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         self.codec = hydra.utils.instantiate(world["codec"])
         self.latent_shape = (world["latent"]["channels"], world["latent"]["height"], world["latent"]["width"])
@@ -269,14 +287,19 @@ class DistillTask(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self):
+        """From iteration `ema.start`: the first call copies the fp32 master weights, later ones average them in."""
         e = self.hparams.ema
         if int(self.iteration) < e["start"]:
             return
-        if self.generator_ema is None:
-            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
-            return
-        for shadow, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
-            shadow.lerp_(p.detach(), 1 - e["decay"])
+        if self.ema is None:
+            self.ema = GeneratorEMA(self.generator, e["decay"], e["device"])
+        else:
+            self.ema.update(self.generator)
+
+    @property
+    def generator_ema(self) -> WanDiT | None:
+        """The averaged generator as a WanDiT (float32, on the EMA's device), or None before ema.start."""
+        return None if self.ema is None else self.ema.module(self.generator)
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -312,6 +335,7 @@ class DistillTask(L.LightningModule):
             self.backward_for(optimizer, loss / len(micro_batches))
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
+            del loss, parts  # the graph goes now, not during the next micro-batch or the step
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # the norm before clipping; under DeepSpeed the gradients live in the engine (0 here: only the loss is checked)
         grad_norm = self.guard.grad_norm(params)
@@ -321,6 +345,7 @@ class DistillTask(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.optim["grad_clip"],
                                 gradient_clip_algorithm="norm")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # this model's gradients are not kept through the other model's update
         return logs
 
     def generator_loss(self, batch: dict, positions: list[int], exit_step: int) -> tuple[torch.Tensor, dict]:
@@ -393,13 +418,17 @@ class DistillTask(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        if self.ema is not None:  # fp32, under the names load_dit(which="generator_ema") reads
+            state.update({f"generator_ema.{k}": v for k, v in self.ema.state_dict().items()})
         checkpoint[TASK_KEY] = task_record(self, state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_task(self, checkpoint, optional=("generator_ema",))
         state = checkpoint["state_dict"]
-        if any(k.startswith("generator_ema.") for k in state) and self.generator_ema is None:
-            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        prefix = "generator_ema."
+        ema = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        if ema:
+            self.ema = GeneratorEMA.from_state_dict(ema, self.hparams.ema["decay"], self.hparams.ema["device"])
 
     def export_folder(self) -> Path:
         return Path(self.hparams.export_dir or self.trainer.default_root_dir)
@@ -409,21 +438,27 @@ class DistillTask(L.LightningModule):
             clean_partial(self.export_folder())
 
     def on_train_end(self) -> None:
-        """Export {generator, critic, generator_ema} in the official layout and the sampling weights as safetensors;
-        each atomically with a checksum, refused if any weight is not finite."""
-        if not self.trainer.is_global_zero:
+        """Export {generator, critic, generator_ema} in the official layout (fp32 master weights, gathered on every rank
+        under sharding strategies) and the sampling weights (the fp32 EMA once started) as safetensors; each
+        atomically with a checksum, refused if any weight is not finite."""
+        keep = self.trainer.is_global_zero
+        states = {name: {k: v.cpu() for k, v in master_parameters(getattr(self, name)) if keep}
+                  for name in ("generator", "critic")}
+        if not keep:
             return
+        if self.ema is not None:
+            states["generator_ema"] = self.ema.state_dict()
         out = self.export_folder()
-        models = {"generator": self.generator, "critic": self.critic, "generator_ema": self.generator_ema}
-        states = {k: m.state_dict() for k, m in models.items() if m is not None}
         save_finite(out / "model.pt", states, lambda tmp: export_training_checkpoint(tmp, **states))
-        save_finite(out / "student.safetensors", self.sampling_model(),
-                    lambda tmp: save_dit(self.sampling_model(), tmp))
+        with torch.device("meta"):
+            student = WanDiT(self.generator.cfg)
+        student.load_state_dict(states.get("generator_ema", states["generator"]), assign=True)
+        save_finite(out / "student.safetensors", student, lambda tmp: save_dit(student, tmp))
 
     # ------------------------------------------------------------------------------------------- sampling
 
     def sampling_model(self) -> WanDiT:
-        return self.generator_ema if self.generator_ema is not None else self.generator
+        return self.generator if self.ema is None else self.ema.module(self.generator, self.device)
 
     @torch.no_grad()
     def sample_videos(self, prompts: list[str], num_frames: int, seed: int, order: str = "step_first") -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from src.artifacts import verify_artifact
 from src.io import verify_checksum
 from src.sampling.noise import derived_seed
 
@@ -243,6 +244,7 @@ def pair_shards(shard_dir: str | Path) -> list[str]:
     shards = sorted(str(p) for p in Path(shard_dir).glob("ode-*.tar"))
     if not shards:
         raise InputError(f"no ODE-pair shards in {shard_dir}: run `python -m src.train experiment=ode_pairs` first")
+    verify_artifact(shard_dir)  # the shards are those their manifest records (src/artifacts.py)
     return shards
 
 
