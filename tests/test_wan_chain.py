@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from src.checkpoints import export_training_checkpoint, load_dit, read_state_dict
 from src.sampling.noise import derived_seed
 from src.sampling.ode import sample_ode
+from src.training.distill import DistillTask
 from src.worlds.wan import WanTextEncoder
 from src.worlds.wan.tiny import BASE_NAME, DIFFUSERS_NAME, TEACHER_NAME, TinySizes, tiny_overrides, write_tiny_release
 
@@ -107,7 +108,7 @@ def _shard_samples(shard_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_chain_on_a_tiny_release(release, tmp_path):
+def test_chain_on_a_tiny_release(release, tmp_path, monkeypatch):
     from evaluation.run import evaluate
     from src.generate import generate
     from src.train import train
@@ -157,10 +158,23 @@ def test_chain_on_a_tiny_release(release, tmp_path):
     train(_compose("train", [*stage, "experiment=ode_init", f"paths.output_dir={tmp_path}/run_init", *FIT_QUIET,
                              "world.training.ode_init_steps=2", "world.training.lr_ode_init=1e-4"]))
     assert (artifacts / "ode_init" / "ode_init.safetensors").exists()
+    seen = {"dmd_and_critic": [], "trajectories": []}  # the prompts of every batch hiar_fkl trains on
+    training_step = DistillTask.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen["dmd_and_critic"] += [*batch.get("prompt", []), *batch["critic_prompt"]]
+        seen["trajectories"] += batch.get("trajectory_prompt", [])
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillTask, "training_step", recording_step)
     metrics = train(_compose("train", [*stage, "experiment=hiar_fkl", f"paths.output_dir={tmp_path}/run_hiar", *FIT_QUIET,
                                        "world.training.ode_init_steps=2", "world.training.lr_ode_init=1e-4",
                                        "world.training.distill_steps=3", f"task.num_frames={NUM_FRAMES}"]))
     assert {"train/dmd", "train/fkl", "train/critic"} <= set(metrics)
+    # DMD and the critic stream over the whole prompt file, beyond the ODE-pair prompts; forward-KL reads the pairs
+    prompt_file = [p for p in (release / "prompts.txt").read_text().split("\n") if p]
+    assert set(seen["dmd_and_critic"]) <= set(prompt_file) and set(seen["dmd_and_critic"]) - set(prompts)
+    assert seen["trajectories"] and set(seen["trajectories"]) <= set(prompts)
     out = artifacts / "hiar_fkl"
     student = load_dit(out / "student.safetensors")
     # the official layout carries no config (as HiAR's own); no EMA yet: it starts at iteration 200
