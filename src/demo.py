@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from src.artifacts import stale_reason
+from src.io import atomic_write_text
 from src.training.teacher import export_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {"seconds": timings, "videos": str(report_dir / "videos"), "report": str(report_dir / "report.md"),
                "student": str(student), "artifacts": str(artifacts)}
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2))
     print("\n=== demo finished")
     for key, value in summary.items():
         print(f"{key}: {value}")

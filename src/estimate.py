@@ -132,9 +132,9 @@ class SmallTensorsReal(TorchDispatchMode):
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages allocated while it is active, live at each moment; the peak and what was live at it by
-    category. Storages that exist before (the models' weights, the other model's optimizer states) are not counted:
-    they are the static memory, which the strategy decides. `mark(category, tensors)` labels storages (gradients
-    before the optimizer step, optimizer states after it); everything unlabelled is an activation (saved tensors, the
+    category. Storages that exist before (the models' weights, the optimizer states) are not counted:
+    they are the static memory, which the strategy decides. `mark(category, tensors)` labels storages (the
+    gradients, before the optimizer step); everything unlabelled is an activation (saved tensors, the
     KV cache, temporaries, autocast's weight copies). Works on fake and real tensors alike (PyTorch keeps a storage's
     Python object alive as long as the storage)."""
 
@@ -309,12 +309,16 @@ def one_iteration(task, micro: int, mode: str, device, phase_hook, mark=lambda c
                   exit_step: int | None = None) -> None:
     """One generator update and one critic update as DistillTask.update runs them (zero_grad, loss, backward, clip,
     step, zero_grad), each inside phase_hook(name, model, optimizer) (a context manager that measures it); `mark`
-    labels the gradients before the step and the optimizer states after it."""
+    labels the gradients before the step. The optimizer states exist before the phases (the steady state of every
+    iteration after the first): created inside, they would set a small update's peak at the step and hide its
+    activations."""
     o = task.hparams.optim
     betas = tuple(float(b) for b in o["betas"])
     optimizers = {name: torch.optim.AdamW(getattr(task, name).parameters(), lr=float(o[f"lr_{name}"]), betas=betas,
                                           weight_decay=float(o["weight_decay"]), foreach=False)
                   for name in ("generator", "critic")}
+    for optimizer in optimizers.values():
+        create_optimizer_states(optimizer)
     num_frames, (c, h, w) = task.hparams.num_frames, task.latent_shape
     exit_step = task.sampler_cfg.num_steps - 1 if exit_step is None else int(exit_step)
     positions = list(range(micro))
@@ -337,9 +341,16 @@ def one_iteration(task, micro: int, mode: str, device, phase_hook, mark=lambda c
             mark("gradients", [p.grad for p in model.parameters() if p.grad is not None])
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(o["grad_clip"]), foreach=False)
             optimizer.step()
-            mark("optimizer_states", [t for st in optimizer.state.values() for t in st.values()
-                                      if isinstance(t, torch.Tensor)])
             optimizer.zero_grad(set_to_none=True)
+
+
+def create_optimizer_states(optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's states as after its first step: one step on zero gradients (AdamW creates its moments lazily)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def tracked_iteration(cfg: DictConfig, mode: str, fake: bool, device="cpu", exit_step: int | None = None,
@@ -521,7 +532,7 @@ def measure_dmd_iteration(overrides: list[str]) -> dict:
                 "measured_with": "torch.cuda.max_memory_allocated, one device"}
     measured = tracked_iteration(cfg, mode, fake=False)
     out = report(cfg, measured, "single", 1)
-    out.update(overrides=list(overrides), device="cpu", measured_with="MemTracker on real tensors",
+    out.update(overrides=list(overrides), device="cpu", measured_with="src.estimate.LiveBytes on real tensors",
                raw=measured)
     return out
 

@@ -71,22 +71,36 @@ def save_finite(path: str | Path, state: Any, write: Callable[[Path], None]) -> 
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | Path, map_location=None) -> dict:
-    """A Lightning / torch checkpoint, read with weights_only=True after checking it is a non-empty torch zip file
-    whose `.sha256` (if any) matches; every failure names the file."""
+def check_file(path: str | Path, what: str) -> None:
+    """A weight file exists, is non-empty, matches its `.sha256` (if any) and its header reads (safetensors, or a torch
+    zip archive; .json is taken as is). `what` names it in every error: "checkpoint", "task.world.teacher_checkpoint:"."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"checkpoint {path} is a folder (a DeepSpeed checkpoint needs its strategy)")
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
+        raise InputError(f"{what} {path} not found")
     if path.stat().st_size == 0:
-        raise InputError(f"checkpoint {path} is empty (0 bytes): a write was interrupted; resume from an earlier one")
+        raise InputError(f"{what} {path} is empty (0 bytes): a write was interrupted? Use an earlier one")
     try:
         verify_checksum(path)
     except ChecksumError as e:
-        raise InputError(str(e)) from None
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"checkpoint {path} is not a torch checkpoint (no zip archive; truncated or another format)")
+        raise InputError(f"{what} {e}") from None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 -- the loader's message, with the file
+            raise InputError(f"{what} {path} is not a readable safetensors file: {e}") from None
+    elif path.suffix != ".json" and not zipfile.is_zipfile(path):
+        raise InputError(f"{what} {path} is not a torch checkpoint (no zip archive: truncated or another format)")
+
+
+def read_checkpoint(path: str | Path, map_location=None) -> dict:
+    """A Lightning / torch checkpoint, checked (check_file) then read with weights_only=True; errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a folder (a DeepSpeed checkpoint needs its strategy)")
+    check_file(path, "checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unpickling failure becomes one error naming the file
@@ -305,30 +319,9 @@ def check_writable(folder: str | Path, key: str) -> None:
 
 
 def check_model_file(path: str | Path, key: str) -> None:
-    """A weight file (safetensors, torch .pt/.ckpt, a release folder) exists, is non-empty and its header reads."""
-    path = Path(path)
-    if path.is_dir():
-        return  # release folders are checked by their loader (src.checkpoints)
-    if not path.is_file():
-        raise InputError(f"{key}: file not found: {path}")
-    if path.stat().st_size == 0:
-        raise InputError(f"{key}: {path} is empty (0 bytes)")
-    try:
-        verify_checksum(path)
-    except ChecksumError as e:
-        raise InputError(f"{key}: {e}") from None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 -- the loader's message, with the file and key
-            raise InputError(f"{key}: {path} is not a readable safetensors file: {e}") from None
-    elif path.suffix == ".json":
-        return
-    elif not zipfile.is_zipfile(path):
-        raise InputError(f"{key}: {path} is not a torch checkpoint (no zip archive: truncated or another format)")
+    """A weight file given by config key `key` (check_file); release folders are checked by their loader."""
+    if not Path(path).is_dir():
+        check_file(path, f"{key}:")
 
 
 def validate_config(cfg: dict) -> None:
