@@ -4,12 +4,13 @@
    eager and with ``compile_blocks`` (DiT-only runs when compiled); which attention kernel ran (src.bench_gpu).
 2. One real DMD iteration at 1.3B with a 1.3B teacher: peak memory per update (``torch.cuda.max_memory_allocated``)
    beside the estimator's prediction for the same overrides (``src.estimate.estimate_dmd_iteration`` /
-   ``measure_dmd_iteration``, the real-scale issue's helpers; recorded as unavailable if that module is absent).
+   ``measure_dmd_iteration``).
 3. The attention TFLOP/s of each mode at 1.3B shapes: bidirectional, block-causal one pass (BlockMask), a cached
    steady-state block (full window; window + sinks), the fused two-block chunk; useful FLOPs only (visible keys).
 
 Each part's failure is recorded in the JSON (``error``) and the others still run, so one run tells everything.
-``--smoke`` runs all of it on CPU with tiny sizes (float32; the DMD part via the estimator's own CPU path).
+``--smoke`` runs all of it on CPU with tiny sizes (float32; the DMD part on a one-layer toy world via the estimator's
+own CPU path).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from src.models import wan
 # The estimator's overrides (src.train's): 1.3B student and critic with a 1.3B teacher, bf16, batch 1, one device.
 DMD_OVERRIDES = ["experiment=hiar_fkl", "world=wan2.1_1.3b_teacher1.3b", "trainer=gpu_bf16",
                  "world.training.micro_batch_size=1"]
-SMOKE_DMD_OVERRIDES = ["experiment=hiar_fkl", "world=toy"]
+SMOKE_DMD_OVERRIDES = ["experiment=hiar_fkl", "world=toy", "task.num_frames=6",
+                       *[f"world.{m}.num_layers=1" for m in ("student", "critic", "teacher")]]
 
 
 def _attend_once(plan_args: tuple, shape: tuple, device, dtype) -> wan.ChunkAttention:
@@ -93,10 +95,8 @@ def attention_modes(smoke: bool, device: torch.device, dtype: torch.dtype, repea
 
 
 def dmd_iteration(overrides: list[str]) -> dict:
-    try:
-        from src.estimate import estimate_dmd_iteration, measure_dmd_iteration
-    except ImportError as e:
-        return {"error": f"src.estimate is not available in this tree ({e})"}
+    from src.estimate import estimate_dmd_iteration, measure_dmd_iteration
+
     out = {"overrides": overrides}
     for key, fn in (("estimated", estimate_dmd_iteration), ("measured", measure_dmd_iteration)):
         try:
@@ -110,7 +110,8 @@ def bench(smoke: bool, compiled: bool, out_dir: Path) -> dict:
     from src import bench_gpu
 
     path = out_dir / f"bench_{'compile' if compiled else 'eager'}.json"
-    argv = ["--out", str(path)] + (["--smoke"] if smoke else []) + (["--compile", "--no-end-to-end"] if compiled else [])
+    argv = (["--out", str(path)] + (["--smoke", "--frames", "6"] if smoke else [])
+            + (["--compile", "--no-end-to-end"] if compiled else []))
     try:
         return bench_gpu.main(argv)
     except Exception as e:  # noqa: BLE001 - recorded

@@ -72,7 +72,7 @@ def test_gpu_check_smoke(tmp_path):
     report = gpu_check.main(["--smoke", "--out", str(tmp_path), "--skip", "compile"])
     written = json.loads((tmp_path / "gpu_check_cpu-smoke.json").read_text())
     assert written["machine"]["device"] == "cpu-smoke" and written["bench_compiled"] is None
-    assert set(written["bench_eager"]["results"]) == {"6", "9"}
+    assert set(written["bench_eager"]["results"]) == {"6"}
     assert written["bench_eager"]["setup"]["attention_kernel"] == "sdpa"
     modes = written["attention_modes"]
     assert set(modes) == {"bidirectional", "block_causal_one_pass", "cached_steady_state", "cached_window_and_sinks",
@@ -84,5 +84,7 @@ def test_gpu_check_smoke(tmp_path):
     assert modes["cached_steady_state"]["cache_mode"] == "in_place"
     assert modes["cached_steady_state"]["visible_pairs"] == 3 * 6 * 6 * 6  # a full window of 6 frames, no mask
     dmd = written["dmd_iteration"]
-    assert ("error" in dmd and "not available" in dmd["error"]) or {"estimated", "measured"} <= set(dmd)
+    for part in ("estimated", "measured"):
+        assert "error" not in dmd[part], dmd[part]
+        assert set(dmd[part]["updates"]) == {"generator", "critic"}
     assert report["seconds"]["total"] > 0

@@ -27,8 +27,8 @@ class Recorder(ForwardCounter):
         self.calls = []
         self.cache = None
 
-    def new_cache(self, window=None, sink=0):
-        self.cache = super().new_cache(window, sink)
+    def new_cache(self, window=None, sink=0, frames=None):
+        self.cache = super().new_cache(window, sink, frames)
         return self.cache
 
     def __call__(self, x, t, context, **kw):

@@ -123,17 +123,16 @@ def test_chain_sweep_concurrency_and_publishing(project):
     assert code != 0 and "refuses ode_init" in err and "python -m src.train experiment=ode_init" in err
 
 
-def test_missing_stage_names_the_command(tmp_path):
+def test_missing_stage_and_missing_experiment_each_give_one_line(tmp_path):
     teacher = f"world.teacher_checkpoint={ROOT / 'assets' / 'toy_teacher.safetensors'}"  # the root here is tmp_path
-    code, _, err = cli(["-m", "src.train", "experiment=ode_init", "trainer.max_steps=1", teacher], tmp_path, tmp_path,
-                       check=False)
-    assert code != 0
+    missing_stage = cli(["-m", "src.train", "experiment=ode_init", "trainer.max_steps=1", teacher], tmp_path, tmp_path,
+                        wait=False)
+    no_experiment = cli(["-m", "src.train"], tmp_path, tmp_path, wait=False)  # both at once: start-up dominates
+    _, err = missing_stage.communicate(timeout=600)
+    assert missing_stage.returncode != 0
     assert "ode_init needs ode_pairs" in err and "run `python -m src.train experiment=ode_pairs` first" in err
-
-
-def test_no_experiment_lists_them(tmp_path):
-    code, _, err = cli(["-m", "src.train"], tmp_path, tmp_path, check=False)
-    assert code != 0 and err.strip().splitlines()[-1] == (
+    _, err = no_experiment.communicate(timeout=600)
+    assert no_experiment.returncode != 0 and err.strip().splitlines()[-1] == (
         "choose a stage: python -m src.train experiment=<hiar|hiar_fkl|ode_init|ode_pairs|self_forcing|teacher_toy>")
 
 

@@ -219,6 +219,13 @@ def attention_kernel(q: torch.Tensor) -> str:
     return "sdpa"
 
 
+def attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype self-attention computes and caches in: autocast's when it is on (its SDPA would cast to it anyway,
+    and the official KV cache is bf16), else the tensors' own."""
+    kind = q.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+
+
 def attention(q, k, v) -> torch.Tensor:
     """Unmasked attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     kernel = attention_kernel(q)
@@ -358,12 +365,13 @@ class KVCache:
     the versions it read, and its checkpointed recompute raises ``CacheChanged`` instead of using other values.
     """
 
-    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0):
+    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, frames: int | None = None):
         if window is not None and window <= 0:
             raise ValueError("window must be a positive number of frames or None")
         if sink < 0:
             raise ValueError("sink must be >= 0")
         self.num_layers, self.window, self.sink = num_layers, window, sink
+        self.max_frames = frames  # the video's length when known: the slabs never need more slots
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = 0  # slots (frames) of the slabs; they are (re)allocated to it lazily, per layer
@@ -411,7 +419,8 @@ class KVCache:
 
     def _ensure_capacity(self, slots: int):
         if slots > self.capacity:
-            self.capacity = max(slots, 2 * self.capacity, self.sink + 2 * (self.window or 0))
+            grown = max(2 * self.capacity, self.sink + 2 * (self.window or 0))
+            self.capacity = max(slots, min(grown, self.max_frames or grown))
             self.slot_version += [0] * (self.capacity - len(self.slot_version))
 
     def _compact(self, keep_from: int):
@@ -644,6 +653,8 @@ class ChunkAttention:
 
     def attend(self, layer: int, q, k, v) -> torch.Tensor:
         """q, k, v [B, n*tpf, H, D] of the chunk (RoPE applied) -> attention output [B, n*tpf, H, D]."""
+        dtype = attention_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         keys, values = self.keys_values(layer, k, v)
         tpf = self.tpf
         if self.backend == "dense":
@@ -831,8 +842,8 @@ class WanDiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.head.head.weight, std=0.02)
 
-    def new_cache(self, window: int | None = None, sink: int = 0) -> KVCache:
-        return KVCache(self.cfg.num_layers, window=window, sink=sink)
+    def new_cache(self, window: int | None = None, sink: int = 0, frames: int | None = None) -> KVCache:
+        return KVCache(self.cfg.num_layers, window=window, sink=sink, frames=frames)
 
     def run_blocks(self, tokens, e0, text, rope, attn) -> torch.Tensor:
         """The transformer blocks (checkpointed per block when gradient_checkpointing is on and grad is enabled)."""

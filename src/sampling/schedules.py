@@ -195,7 +195,7 @@ class Rollout:
         first = self.contexts[0]
         self.block_shape = (first.shape[0], fpb, *latent_shape)
         self.device = first.device
-        self.cache = model.new_cache(window=cfg.window, sink=cfg.sink)
+        self.cache = model.new_cache(window=cfg.window, sink=cfg.sink, frames=num_frames)
         self.inputs: dict[int, torch.Tensor] = {}
         self.written: dict[int, tuple[torch.Tensor, float]] = {}
 
