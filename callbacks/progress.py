@@ -1,7 +1,7 @@
 """A training progress bar that counts iterations (batches) against the run's total, with an ETA.
 
-Lightning's bar counts the batches of an epoch; our streams are endless (`batches_per_epoch` is a bookkeeping
-size), and `trainer.max_steps` counts *optimizer* steps, of which a distillation iteration takes 1 or 2 (a critic step
+Lightning's bar counts the batches of an epoch; our streams are endless (one epoch lasts the whole run),
+and `trainer.max_steps` counts *optimizer* steps, of which a distillation iteration takes 1 or 2 (a critic step
 every iteration, a generator step every `gen_update_ratio`-th). The bar's total is the number of iterations that
 reach max_steps, and it runs across epochs.
 """

@@ -6,8 +6,9 @@
 * each sampler's frames/s and first-block latency (src/sampling/bench.py);
 * ``--throughput``: step-first and block-first latent frames/s at 21 and 42 frames of this tree and of an older commit
   (default efd1810, before the attention/KV-cache rework; extracted with ``git archive``), same weights, 1 and 2
-  threads, compile off and on (this tree only), by experiments/bench/throughput.py in subprocesses ->
-  experiments/bench/throughput.json. Run it under ``flock /tmp/hiar-cpu.lock`` on a shared machine.
+  threads, compile off and on (this tree only), by experiments/bench/throughput.py in subprocesses, in ``--rounds``
+  interleaved before/after rounds (median of the per-round ratios) -> experiments/bench/throughput.json. Run it under
+  ``flock /tmp/hiar-cpu.lock`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -96,8 +98,12 @@ def _throughput_run(code_root: Path, weights: Path, threads: int, compiled: bool
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_throughput(before_commit: str, threads: tuple[int, ...] = (1, 2)) -> dict:
-    """Before (``before_commit``, compile off) and after (this tree, compile off and on), same weights."""
+def bench_throughput(before_commit: str, threads: tuple[int, ...] = (1, 2), rounds: int = 3) -> dict:
+    """Before (``before_commit``, compile off) and after (this tree, compile off and on), same weights.
+
+    Each round runs before, after eager and after compiled back to back per thread count, so the runs of a pair share
+    the machine's load of that moment; a point's speed-up is the median over rounds of its per-round ratio, and its
+    frames/s the median over rounds (each round: the best of its generations)."""
     with tempfile.TemporaryDirectory() as tmp:
         before_root = Path(tmp) / "before"
         before_root.mkdir()
@@ -106,21 +112,27 @@ def bench_throughput(before_commit: str, threads: tuple[int, ...] = (1, 2)) -> d
         with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
             tar.extractall(before_root, filter="data")
         weights = Path(tmp) / "weights.safetensors"
-        runs = {}
-        for t in threads:
-            runs[f"before/threads{t}"] = _throughput_run(before_root, weights, t, False)
-            for compiled in (False, True):
-                runs[f"after/threads{t}/{'compile' if compiled else 'eager'}"] = _throughput_run(ROOT, weights, t,
-                                                                                                  compiled)
-    speedups = {}
-    for key, run in runs.items():
+        runs: dict[str, list[dict]] = {}
+        for _ in range(rounds):
+            for t in threads:
+                runs.setdefault(f"before/threads{t}", []).append(_throughput_run(before_root, weights, t, False))
+                for compiled in (False, True):
+                    key = f"after/threads{t}/{'compile' if compiled else 'eager'}"
+                    runs.setdefault(key, []).append(_throughput_run(ROOT, weights, t, compiled))
+    frames_per_s = {key: {point: statistics.median(run["results"][point]["latent_frames_per_s"] for run in key_runs)
+                          for point in key_runs[0]["results"]} for key, key_runs in runs.items()}
+    speedups, speedups_per_round = {}, {}
+    for key, key_runs in runs.items():
         if key.startswith("after/"):
-            before = runs[f"before/{key.split('/')[1]}"]["results"]
-            speedups[key] = {point: r["latent_frames_per_s"] / before[point]["latent_frames_per_s"]
-                             for point, r in run["results"].items()}
-    return {"before_commit": before_commit, "runs": runs, "speedup_over_before": speedups,
-            "timing": "best of 3 generations per point; taken while holding /tmp/hiar-cpu.lock on a 2-core machine "
-                      "shared with other jobs (outliers remain possible)"}
+            before = runs[f"before/{key.split('/')[1]}"]
+            ratios = {point: [a["results"][point]["latent_frames_per_s"] / b["results"][point]["latent_frames_per_s"]
+                              for a, b in zip(key_runs, before)] for point in key_runs[0]["results"]}
+            speedups_per_round[key] = ratios
+            speedups[key] = {point: statistics.median(r) for point, r in ratios.items()}
+    return {"before_commit": before_commit, "rounds": rounds, "latent_frames_per_s": frames_per_s,
+            "speedup_over_before": speedups, "speedup_per_round": speedups_per_round, "runs": runs,
+            "timing": f"{rounds} rounds; per round and point the best of 3 generations; taken while holding "
+                      "/tmp/hiar-cpu.lock on a 2-core machine shared with other jobs (outliers remain possible)"}
 
 
 def main():
@@ -130,11 +142,12 @@ def main():
     parser.add_argument("--throughput", action="store_true", help="only the before/after sampler throughput")
     parser.add_argument("--before-commit", default="efd1810")
     parser.add_argument("--throughput-out", default="experiments/bench/throughput.json")
+    parser.add_argument("--rounds", type=int, default=3, help="before/after rounds of --throughput (median ratio)")
     args = parser.parse_args()
     if args.throughput:
         from src.io import atomic_write_text
 
-        report = bench_throughput(args.before_commit)
+        report = bench_throughput(args.before_commit, rounds=args.rounds)
         report["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
         atomic_write_text(args.throughput_out, json.dumps(report, indent=2))
         print(json.dumps(report["speedup_over_before"], indent=2))

@@ -4,6 +4,11 @@ truncated mix.
 Every writer goes to a temporary name *in the destination folder* (a rename is atomic only within one filesystem),
 is flushed and fsynced, then renamed over the destination; the folder is fsynced so the rename itself survives a
 crash. Leftover temporaries (``.<name>.tmp-*``) from a killed writer are removed by ``clean_partial``.
+
+A folder (a DeepSpeed checkpoint) is written whole into a temporary sibling folder and then swapped in: the previous
+folder is first renamed aside (``.<name>.old-*``), the new one renamed into place, then the old one removed. A kill
+between the two renames leaves only the aside copy, which ``clean_partial`` renames back, so the previous folder is
+never lost.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # a previous folder moved aside while its replacement is renamed in
 CHECKSUM_SUFFIX = ".sha256"
 
 
@@ -45,26 +51,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir():
-            for file in tmp.rglob("*"):
-                if file.is_file():
-                    _fsync_file(file)
-            if path.is_dir():  # a folder cannot be renamed over a non-empty one: move the old aside first
-                old = temporary_sibling(path)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            commit_folder(tmp, path)
         else:
             _fsync_file(tmp)
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            _fsync_dir(path.parent)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def commit_folder(tmp: str | Path, path: str | Path) -> Path:
+    """Puts the finished folder ``tmp`` (a ``temporary_sibling(path)``, possibly written by several processes) in
+    place of ``path``: its files fsynced, the previous ``path`` (folder, file or link) renamed aside, ``tmp`` renamed
+    in, the aside copy removed. Interrupted at any point, ``path`` or its aside copy holds the previous content
+    (``clean_partial`` restores it)."""
+    tmp, path = Path(tmp), Path(path)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)
+    _fsync_dir(tmp)
+    if os.path.lexists(path):  # a folder cannot be renamed over a non-empty one: move the old aside first
+        old = path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        _fsync_dir(path.parent)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:
@@ -124,16 +148,23 @@ def verify_checksum(path: str | Path) -> bool:
 
 
 def clean_partial(folder: str | Path) -> list[Path]:
-    """Removes temporaries left in ``folder`` (not recursive) by killed writers; returns what it removed."""
+    """Removes temporaries left in ``folder`` (not recursive) by killed writers; returns what it removed. A previous
+    folder left aside by a ``commit_folder`` killed between its renames is renamed back when nothing took its place."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in folder.iterdir():
-        if p.name.startswith(".") and TMP_MARK in p.name:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if OLD_MARK in p.name:
+            original = folder / p.name[1:].rsplit(OLD_MARK, 1)[0]
+            if not os.path.lexists(original):
+                os.replace(p, original)
+                _fsync_dir(folder)
+                continue
+        elif TMP_MARK not in p.name:
+            continue
+        _remove(p)
+        removed.append(p)
     return removed

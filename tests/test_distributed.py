@@ -95,11 +95,14 @@ def fit(teacher: str, root: Path, strategy=None, grad_accumulation: int = 1, ran
 
 
 class SaveAfter(L.Callback):
+    """Saves after each of iterations 1..`iteration` to one path: each save replaces the previous (a folder under
+    DeepSpeed, written beside it and renamed into place)."""
+
     def __init__(self, iteration: int, path: str):
         self.iteration, self.path = iteration, path
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if int(module.iteration) == self.iteration:
+        if int(module.iteration) <= self.iteration:
             trainer.save_checkpoint(self.path)
 
 
@@ -180,9 +183,10 @@ def test_deepspeed_zero2_two_processes_match_one_and_resume(teacher, reference, 
     checkpoint = tmp_path / "run" / "resume.ckpt"
     assert (checkpoint / "lightning.ckpt").is_file()
     assert {p.name for p in checkpoint.iterdir() if p.is_dir()} == {"generator", "critic"}
+    assert [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left
     resumed = torchrun(tmp_path / "resumed", strategy="deepspeed_zero2", teacher=teacher, max_steps=STEPS,
                        ckpt_path=str(checkpoint))
-    assert len(resumed[0]["losses"]) == 1  # iteration 2 only
+    assert len(resumed[0]["losses"]) == 1  # iteration 2 only: the second save replaced the first
     assert_same_losses(resumed[0]["losses"], records[0]["losses"][2:])
 
 

@@ -13,16 +13,21 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reliability_faults import InfLossAt, write_pair_manifest, write_pair_shards  # noqa: E402
 from test_distill import SAMPLER, TINY_MODEL, tiny_world  # noqa: E402
+from test_teacher import tiny_task as tiny_teacher  # noqa: E402
 
+from src import io as io_module  # noqa: E402
 from src.checkpoints import save_dit  # noqa: E402
-from src.io import clean_partial, verify_checksum  # noqa: E402
+from src.io import atomic_path, clean_partial, commit_folder, temporary_sibling, verify_checksum, write_checksum  # noqa: E402
 from src.models.wan import WanConfig, WanDiT  # noqa: E402
-from src.training import reliability  # noqa: E402
+from src.training import ode_pairs, reliability  # noqa: E402
 from src.training.distill import DistillTask  # noqa: E402
+from src.training.ode_init import OdeInitTask  # noqa: E402
+from src.training.ode_pairs import OdePairsTask, PairShardWriter, PromptChunksDataModule  # noqa: E402
 from src.training.reliability import (  # noqa: E402
     AtomicCheckpointIO,
     IterationCheckpoint,
@@ -30,7 +35,14 @@ from src.training.reliability import (  # noqa: E402
     read_checkpoint,
     validate_config,
 )
-from src.training.streams import DistillDataModule, InputError, ShardIndex, read_prompt_file  # noqa: E402
+from src.training.streams import (  # noqa: E402
+    DistillDataModule,
+    InputError,
+    OdePairsDataModule,
+    ShardIndex,
+    read_prompt_file,
+)
+from src.worlds.toy.data import ToyVideoDataModule, write_shards  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 FRAMES = 6
@@ -177,6 +189,54 @@ def test_interrupted_or_non_finite_checkpoint_write_keeps_the_previous(tmp_path,
         "last.ckpt", "last.ckpt.sha256"]
 
 
+def test_folder_checkpoint_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A folder checkpoint (DeepSpeed's: one folder per engine + lightning.ckpt, written by every rank into a temporary
+    sibling, then `commit_folder`): a writer dying midway, or a kill between the two renames of the swap, leaves the
+    previous checkpoint; SIGKILL leftovers are cleaned at start."""
+    path = tmp_path / "last.ckpt"
+
+    def write(folder: Path, value: str) -> None:
+        (folder / "generator").mkdir(parents=True)
+        (folder / "generator" / "mp_rank_00_model_states.pt").write_text(value)
+        (folder / "lightning.ckpt").write_text(value)
+
+    def content(folder: Path) -> set[str]:
+        return {f.read_text() for f in folder.rglob("*") if f.is_file()}
+
+    old = temporary_sibling(path)
+    write(old, "old")
+    commit_folder(old, path)
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:  # the writer dies after half the files
+        (tmp / "generator").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert content(path) == {"old"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    new = temporary_sibling(path)
+    write(new, "new")
+    renames = []
+
+    def killed_after_first_rename(src, dst):
+        if renames:
+            raise SystemExit("killed")
+        renames.append(src)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", killed_after_first_rename)
+    with pytest.raises(SystemExit):
+        commit_folder(new, path)
+    monkeypatch.undo()
+    assert not path.exists() and len(renames) == 1  # only the aside copy and the new temporary remain
+    assert clean_partial(tmp_path) == [new] and content(path) == {"old"}  # the previous checkpoint is back
+
+    new = temporary_sibling(path)
+    write(new, "new")
+    commit_folder(new, path)
+    assert content(path) == {"new"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    aside = tmp_path / ".last.ckpt.old-123-deadbeef"  # killed after the swap, before removing the old copy
+    write(aside, "old")
+    assert clean_partial(tmp_path) == [aside] and content(path) == {"new"}
+
+
 def test_bad_checkpoints_fail_naming_the_file(teacher, tmp_path):
     empty = tmp_path / "empty.ckpt"
     empty.touch()
@@ -246,6 +306,131 @@ def test_bad_inputs_fail_before_any_work_naming_the_file_or_key(teacher, shards,
         ShardIndex([str(cut)], ("npy", "json"), verify=False)
     with pytest.raises(InputError, match=f"shards {shards}: samples have shape \\[5, 6, 12, 4, 4\\], this run expects"):
         ShardIndex(sorted(str(p) for p in shards.glob("*.tar")), ("npy", "json"), (5, 9, 12, 4, 4))
+
+
+# --------------------------------------------------------------------------------------------- teacher stage
+
+WARMUP = {"shape": "circle", "color": "red", "background": "black"}
+
+
+class StepLosses(L.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step - 1] = float(trainer.callback_metrics["train/loss"])
+
+
+def fit_teacher(root: Path, source: str, shard_dir: Path, ckpt_path=None) -> tuple[dict, dict]:
+    record = StepLosses()
+    task = tiny_teacher(clip_frames=[3, 5], warmup_steps=2, seed=0)
+    data = ToyVideoDataModule(source=source, shard_dir=str(shard_dir), num_frames=5, batch_size=2, warmup_batches=3,
+                              warmup_attributes=WARMUP, warmup_frames=3)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root, plugins=[AtomicCheckpointIO()],
+                        callbacks=[record, EMAWeightAveraging(decay=0.9),
+                                   IterationCheckpoint(every_n_iterations=2, dirpath=root / "ckpt", save_top_k=-1)])
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return record.losses, read_checkpoint(root / "ckpt" / "iteration-000005.ckpt")["state_dict"]
+
+
+@pytest.mark.parametrize("source", ["procedural", "shards"])
+def test_teacher_resume_gives_the_straight_runs_losses(source, tmp_path):
+    """The teacher stage resumed from iteration 2 (inside the warm-up world) repeats the straight run's loss at every
+    step bit for bit and ends on the same (EMA) weights: data, clip lengths, dropout, noise levels and noise are keyed
+    by (seed, iteration, sample index)."""
+    shards = tmp_path / "videos"
+    write_shards(shards, num_videos=6, num_frames=5, videos_per_shard=4)
+    straight, weights = fit_teacher(tmp_path / "a", source, shards)
+    assert set(straight) == set(range(5))
+    resumed, resumed_weights = fit_teacher(tmp_path / "b", source, shards,
+                                           ckpt_path=tmp_path / "a" / "ckpt" / "iteration-000002.ckpt")
+    assert resumed == {i: straight[i] for i in (2, 3, 4)}
+    assert weights.keys() == resumed_weights.keys() and all(torch.equal(v, resumed_weights[k]) for k, v in weights.items())
+
+
+# --------------------------------------------------------------------------------------------- ODE init, ODE pairs
+
+
+class IterationLosses(L.Callback):
+    """Loss of each iteration (batch) by the stream's own position, accumulated batches included."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[int(batch["iteration"])] = float(outputs["loss"])
+
+
+def fit_ode_init(teacher: str, shards: Path, root: Path, ckpt_path=None) -> tuple[dict, dict]:
+    record = IterationLosses()
+    task = OdeInitTask(world=tiny_world(teacher), frames_per_block=3, lr=1e-3,
+                       export_path=str(root / "ode_init.safetensors"))
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, plugins=[AtomicCheckpointIO()],
+                        callbacks=[record, IterationCheckpoint(every_n_iterations=2, dirpath=root / "ckpt", save_top_k=-1)])
+    trainer.fit(task, datamodule=OdePairsDataModule(str(shards), batch_size=2), ckpt_path=ckpt_path,
+                weights_only=True)
+    return record.losses, task.generator.state_dict()
+
+
+def test_ode_init_resume_gives_the_straight_runs_losses(teacher, shards, tmp_path):
+    """ODE init (2 batches accumulated per step) resumed after step 2 reads batches 4-5 and repeats the straight
+    run's losses bit for bit (stream position = steps x accumulation; levels keyed by the batch's iteration)."""
+    straight, weights = fit_ode_init(teacher, shards, tmp_path / "a")
+    assert set(straight) == set(range(6))
+    resumed, resumed_weights = fit_ode_init(teacher, shards, tmp_path / "b",
+                                            ckpt_path=tmp_path / "a" / "ckpt" / "iteration-000002.ckpt")
+    assert resumed == {i: straight[i] for i in (4, 5)}
+    assert all(torch.equal(v, resumed_weights[k]) for k, v in weights.items())
+
+
+class Killed(Exception):
+    """Stands for the process dying: raised from the writer, after a shard's rename and before its checksum."""
+
+
+def write_pairs(teacher: str, shard_dir: Path, kill_at_chunk: int | None = None) -> list[int]:
+    """Tiny ODE-pair generation (5 prompts, 2 per shard: 3 shards); returns the chunks it computed."""
+    from lightning.pytorch.callbacks import Callback
+
+    computed = []
+
+    class Seen(Callback):
+        def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            computed.append(int(batch["chunk"]))
+
+    def checksum_or_die(path):
+        if kill_at_chunk is not None and path.name == f"ode-{kill_at_chunk:06d}.tar":
+            raise Killed(path)
+        return write_checksum(path)
+
+    task = OdePairsTask(world=tiny_world(teacher), num_frames=FRAMES, num_steps=2, save_indices=[0, 1, 2], batch_size=2)
+    data = PromptChunksDataModule("toy", num_prompts=5, pairs_per_shard=2, shard_dir=str(shard_dir))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[PairShardWriter(str(shard_dir)), Seen()])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ode_pairs, "write_checksum", checksum_or_die)
+        trainer.predict(task, datamodule=data, return_predictions=False)
+    return computed
+
+
+def test_ode_pairs_killed_midway_rebuild_only_what_is_missing_and_give_identical_shards(teacher, tmp_path):
+    """Generation dies after shard 1's rename, before its checksum; a SIGKILL leftover of shard 2 lies in the folder.
+    The rerun removes the leftover, keeps shard 0, rewrites shard 1 (no checksum: not done) and writes shard 2; every
+    shard and checksum is byte-identical to a straight run's."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert write_pairs(teacher, straight) == [0, 1, 2]
+    with pytest.raises(Killed):
+        write_pairs(teacher, killed, kill_at_chunk=1)
+    assert sorted(p.name for p in killed.iterdir()) == [
+        "manifest.json", "ode-000000.tar", "ode-000000.tar.sha256", "ode-000001.tar"]
+    leftover = killed / ".ode-000002.tar.tmp-999-deadbeef"
+    leftover.write_bytes(b"half a shard")
+    assert write_pairs(teacher, killed) == [1, 2]
+    names = sorted(p.name for p in straight.iterdir())
+    assert sorted(p.name for p in killed.iterdir()) == names and len(names) == 7
+    assert all((killed / n).read_bytes() == (straight / n).read_bytes() for n in names)
+    assert all(verify_checksum(p) for p in killed.glob("ode-*.tar"))
 
 
 # --------------------------------------------------------------------------------------------- kill -9, via the CLI

@@ -1,12 +1,15 @@
 """Toy world: data, shards, oracle (perfect on ground truth, catches planted faults), codec and text encoder."""
 
+import io
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from src.worlds.toy.codec import ToyCodec
-from src.worlds.toy.data import ToyVideoDataModule, from_uint8, shard_paths, shard_pipeline, write_shards
+from src.worlds.toy.data import ToyVideoDataModule, from_uint8, shard_paths, write_shards
 from src.worlds.toy.oracle import score_video, score_videos
 from src.worlds.toy.shapes import (
     BACKGROUND_COLORS,
@@ -75,22 +78,28 @@ def test_shards_round_trip(tmp_path):
         assert sample["txt"] == meta["prompt"] == prompt_from_attributes(attrs)
         expected = render_video(attrs, 9, 16, 16, meta["seed"])
         assert (from_uint8(sample["npy"]) - expected).abs().max() <= 1 / 127.5
-    batch = next(iter(shard_pipeline(paths, batch_size=4, shuffle_buffer=4)))
-    assert batch["video"].shape == (4, 9, 3, 16, 16) and len(batch["prompt"]) == 4
-    assert all(parse_prompt(p) for p in batch["prompt"])
+
+
+def first_batches(module: ToyVideoDataModule, n: int) -> list[dict]:
+    return list(itertools.islice(module.train_dataloader(), n))
 
 
 def test_datamodule_writes_then_reads_shards_and_renders_on_the_fly(tmp_path):
-    module = ToyVideoDataModule(shard_dir=str(tmp_path / "shards"), num_videos=4, num_frames=6, batch_size=2,
-                                shuffle_buffer=2, batches_per_epoch=3)
+    module = ToyVideoDataModule(shard_dir=str(tmp_path / "shards"), num_videos=4, num_frames=6, batch_size=2)
     module.prepare_data()
-    batches = list(module.train_dataloader())
-    assert len(batches) == 3 and batches[0]["video"].shape == (2, 6, 3, 16, 16)
+    batches = first_batches(module, 3)
+    assert [b["video"].shape for b in batches] == [(2, 6, 3, 16, 16)] * 3
+    assert [int(b["iteration"]) for b in batches] == [0, 1, 2] and batches[0]["index"].tolist() == [0, 1]
+    index = module.video_index()
+    videos = [from_uint8(np.load(io.BytesIO(index.read(i)["npy"]))) for i in range(4)]
+    epoch = torch.cat([b["video"] for b in batches[:2]])  # iterations 0-1 read every video once, in a seeded order
+    assert sorted(next(i for i, v in enumerate(videos) if torch.equal(v, e)) for e in epoch) == [0, 1, 2, 3]
+    assert all(parse_prompt(p) for b in batches for p in b["prompt"])
     wrong_length = ToyVideoDataModule(shard_dir=str(tmp_path / "shards"), num_frames=9)
     with pytest.raises(ValueError, match="do not match this toy world.*num_frames"):
         wrong_length.prepare_data()  # shards of another clip length (or generator version) are refused, not used
     procedural = ToyVideoDataModule(source="procedural", num_frames=6, batch_size=3)
-    assert next(iter(procedural.train_dataloader()))["video"].shape == (3, 6, 3, 16, 16)
+    assert first_batches(procedural, 1)[0]["video"].shape == (3, 6, 3, 16, 16)
 
 
 WARMUP = {"shape": "circle", "color": "red", "background": "black"}
@@ -113,22 +122,32 @@ def _attributes_of(batch) -> list[dict]:
     return [{k: v for k, v in parse_prompt(p).items() if k != "direction"} for p in batch["prompt"]]
 
 
+class Resumed:
+    """What the datamodule reads of a trainer resumed after `steps` optimizer steps (rank `rank` of `world`)."""
+
+    def __init__(self, steps: int, rank: int = 0, world: int = 1):
+        self.global_step, self.accumulate_grad_batches, self.global_rank, self.world_size = steps, 1, rank, world
+        self.lightning_module = object()
+
+
 def test_warmup_world_comes_first_once_and_is_not_repeated_on_resume():
-    module = ToyVideoDataModule(source="procedural", num_frames=5, batch_size=8, batches_per_epoch=3,
-                                warmup_batches=4, warmup_attributes=WARMUP, warmup_frames=3)
-    loader = module.train_dataloader()
-    batches = list(loader) + list(loader)  # two epochs of 3 batches: the warm-up spans the first 4, once
+    kw = {"source": "procedural", "num_frames": 5, "warmup_batches": 4, "warmup_attributes": WARMUP,
+          "warmup_frames": 3}
+    batches = first_batches(ToyVideoDataModule(batch_size=4, **kw), 6)
     assert [all(a == WARMUP for a in _attributes_of(b)) for b in batches] == [True] * 4 + [False] * 2
     assert [b["video"].shape[1] for b in batches] == [3] * 4 + [5] * 2
-    module.trainer = type("Resumed", (), {"global_step": 3})()  # a run resumed after 3 optimizer steps
-    assert [all(a == WARMUP for a in _attributes_of(b)) for b in module.train_dataloader()] == [True, False, False]
-    workers = ToyVideoDataModule(source="procedural", num_frames=5, batch_size=8, batches_per_epoch=4,
-                                 warmup_batches=3, warmup_attributes=WARMUP, num_workers=2)
-    # two workers interleave their batches (the first takes warm-up batches 0 and 2, the second batch 1) and, being
-    # persistent, remember across epochs that their warm-up is done
-    loader = workers.train_dataloader()
-    batches = list(loader) + list(loader)
-    assert [all(a == WARMUP for a in _attributes_of(b)) for b in batches] == [True] * 3 + [False] * 5
+    resumed = ToyVideoDataModule(batch_size=4, **kw)
+    resumed.trainer = Resumed(3)  # a run resumed after 3 steps reads iterations 3, 4, 5: the last warm-up batch once
+    assert all(torch.equal(r["video"], b["video"]) for r, b in zip(first_batches(resumed, 3), batches[3:]))
+    halves = []  # 2 ranks of per-rank batch 2 read the halves of the 1-rank batch of 4, warm-up and after
+    for rank in range(2):
+        half = ToyVideoDataModule(batch_size=2, **kw)
+        half.trainer = Resumed(3, rank, 2)
+        halves.append(first_batches(half, 2))
+    assert all(torch.equal(torch.cat([halves[0][i]["video"], halves[1][i]["video"]]), batches[3 + i]["video"])
+               for i in range(2))
+    workers = ToyVideoDataModule(batch_size=4, num_workers=2, **kw)  # two workers interleave iterations in order
+    assert all(torch.equal(w["video"], b["video"]) for w, b in zip(first_batches(workers, 6), batches))
     with pytest.raises(ValueError, match="no training attribute combination"):
         ToyVideoDataModule(source="procedural", warmup_batches=1, warmup_attributes={**WARMUP, "color": "beige"})
     with pytest.raises(ValueError, match="warmup_frames"):

@@ -80,7 +80,7 @@ def main():
     for step in range(1, args.steps + 1):
         attrs = [attributes(rng, vary) for _ in range(16)]
         pixels = torch.stack([render_video(a, args.frames, seed=int(rng.integers(1 << 30))) for a in attrs])
-        loss = task.flow_matching_loss(pixels, [prompt_from_attributes(a) for a in attrs])
+        loss = task.flow_matching_loss(pixels, [prompt_from_attributes(a) for a in attrs], iteration=step)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)

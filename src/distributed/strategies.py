@@ -36,6 +36,8 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from src.io import commit_folder, temporary_sibling
+
 LIGHTNING_STATE = "lightning.ckpt"
 
 
@@ -236,17 +238,26 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
         return {}  # in the engine's own checkpoint (partitioned per rank)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        """Every rank writes into one new temporary folder beside `filepath`; rank 0 then fsyncs it and renames it into
+        place (src.io.commit_folder), so a kill at any moment leaves the previous checkpoint loadable."""
         path = Path(self.broadcast(str(filepath)))
+        tmp = Path(self.broadcast(str(temporary_sibling(path))))  # rank 0's name
         if self.is_global_zero:
-            if path.is_file():
-                path.unlink()
-            path.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)
         self.barrier()
-        for optimizer in self.optimizers:
-            self.engine(optimizer).save_checkpoint(str(path), tag=self.engine_names[id(raw_optimizer(optimizer))],
-                                                   save_latest=False)
-        if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(checkpoint, path / LIGHTNING_STATE, storage_options=storage_options)
+        try:
+            for optimizer in self.optimizers:
+                self.engine(optimizer).save_checkpoint(str(tmp), tag=self.engine_names[id(raw_optimizer(optimizer))],
+                                                       save_latest=False)
+            if self.is_global_zero:
+                self.checkpoint_io.save_checkpoint(checkpoint, tmp / LIGHTNING_STATE, storage_options=storage_options)
+            self.barrier()
+            if self.is_global_zero:
+                commit_folder(tmp, path)
+        except BaseException:
+            if self.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.barrier()
 
     def remove_checkpoint(self, filepath) -> None:

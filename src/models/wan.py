@@ -131,44 +131,30 @@ def rope_angles(positions: torch.Tensor, axis_dim: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_grid(head_dim: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [h*w, (dh + dw)/2] of the height and width axes, computed once per geometry in float64, kept float32."""
-    _, dh, dw = rope_axis_dims(head_dim)
-    ah = rope_angles(torch.arange(h, device=device), dh)
-    aw = rope_angles(torch.arange(w, device=device), dw)
-    angles = torch.cat([ah[:, None, :].expand(h, w, -1), aw[None, :, :].expand(h, w, -1)], dim=-1).reshape(h * w, -1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-@functools.lru_cache(maxsize=1024)
-def _rope_frames(head_dim: int, start: int, n_frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [F, df/2] of the frame axis for frames start .. start + F - 1 (float64 angles, float32 tables)."""
-    df, _, _ = rope_axis_dims(head_dim)
-    angles = rope_angles(torch.arange(start, start + n_frames, device=device), df)
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def rope_tables(head_dim: int, start: int, n_frames: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [1, L, 1, head_dim/2] (float32) for the tokens of frames start .. start + F - 1 on an h x w grid, in
-    (f, h, w) order. The per-axis tables are cached, so a forward only assembles them (no host work, no float64)."""
+def rope_tables(head_dim: int, start: int, n_frames: int, h: int, w: int, device) -> torch.Tensor:
+    """(cos, sin) pairs [1, L, 1, head_dim/2, 2] (float32) for the tokens of frames start .. start + F - 1 on an h x w
+    grid, in (f, h, w) order. Angles in float64; cached per geometry, so every layer and every later forward at the
+    same frames reuse one table (no host work, no float64 in the forward)."""
     device = torch.device(device)
-    cf, sf = _rope_frames(head_dim, start, n_frames, device)
-    cg, sg = _rope_grid(head_dim, h, w, device)
+    df, dh, dw = rope_axis_dims(head_dim)
+    grid = (n_frames, h, w)
+    frame = rope_angles(torch.arange(start, start + n_frames, device=device), df)[:, None, None]
+    height = rope_angles(torch.arange(h, device=device), dh)[None, :, None]
+    width = rope_angles(torch.arange(w, device=device), dw)[None, None, :]
+    angles = torch.cat([a.expand(*grid, -1) for a in (frame, height, width)], dim=-1)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+    return table.reshape(1, n_frames * h * w, 1, head_dim // 2, 2)
 
-    def assemble(frame_part, grid_part):
-        shape = (n_frames, h * w)
-        table = torch.cat([frame_part[:, None, :].expand(*shape, -1), grid_part[None].expand(*shape, -1)], dim=-1)
-        return table.reshape(1, n_frames * h * w, 1, head_dim // 2)
 
-    return assemble(cf, cg), assemble(sf, sg)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D] with adjacent (re, im) pairs, cos/sin [B or 1, L, 1, D/2]; rotated in float32."""
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D] with adjacent (re, im) pairs, rope [B or 1, L, 1, D/2, 2] (cos, sin); rotated in float32."""
     xf = x.float().unflatten(-1, (-1, 2))
-    re, im = xf[..., 0], xf[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    if torch.compiler.is_compiling():  # inductor generates no complex kernels: the same products in real arithmetic
+        (re, im), (cos, sin) = xf.unbind(-1), rope.unbind(-1)
+        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    else:  # eager: one complex multiply instead of six real kernels and a stack
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.view_as_complex(rope))
+    return out.flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -728,7 +714,7 @@ class SelfAttention(Projections):
         q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim)
         v = self.v(x).view(b, n, self.num_heads, self.head_dim)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
 
 class CrossAttention(Projections):
@@ -770,11 +756,11 @@ class WanAttentionBlock(nn.Module):
         b, n, d = y.shape
         return (y.float().view(b, gate.shape[1], -1, d) * gate[:, :, None]).view(b, n, d)
 
-    def pre_attention(self, x, e0, cos, sin):
+    def pre_attention(self, x, e0, rope):
         """x [B, L, dim] float32 residual stream, e0 [B, F, 6, dim] float32 -> q, k, v of the self-attention."""
         shift1, scale1 = (self.modulation[:, :2].float()[:, None] + e0[:, :, :2]).unbind(2)
         h = self._modulate(self.norm1(x), shift1, scale1).to(self.modulation.dtype)
-        return self.self_attn.qkv(h, (cos, sin))
+        return self.self_attn.qkv(h, rope)
 
     def post_attention(self, x, y, e0, text_k, text_v):
         """The rest of the block after the self-attention output y [B, L, H, D]."""
@@ -786,7 +772,7 @@ class WanAttentionBlock(nn.Module):
         return x + self._gated(y, gate2)
 
     def forward(self, x, e0, text, rope, attn, layer: int):
-        q, k, v = self.pre_attention(x, e0, *rope)
+        q, k, v = self.pre_attention(x, e0, rope)
         y = attn.attend(layer, q, k, v)
         text_k, text_v = attn.text_kv(layer, self.cross_attn, text)
         return self.post_attention(x, y, e0, text_k, text_v)

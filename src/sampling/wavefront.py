@@ -59,8 +59,7 @@ def batched_forward(model, cells: list[CellChunk], context: torch.Tensor, fpb: i
                                 model.attention_backend, isolated=c.dummy) for c in cells]
         attn = GroupedAttention(plans, [c.x.shape[0] for c in cells], text_kv)
         tables = [rope_tables(cfg.head_dim, c.start, n_frames, h, w, x.device) for c in cells]
-        rope = tuple(torch.cat([tab[i].expand(c.x.shape[0], -1, -1, -1) for tab, c in zip(tables, cells)])
-                     for i in range(2))
+        rope = torch.cat([tab.expand(c.x.shape[0], -1, -1, -1, -1) for tab, c in zip(tables, cells)])
         dtype = model.patch_embedding.weight.dtype
         tokens = model.patch_embedding(x.to(dtype).permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).float()
         emb = sinusoidal_embedding(cfg.freq_dim, t).to(model.time_embedding[0].weight.dtype)

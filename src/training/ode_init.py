@@ -4,9 +4,10 @@ Each block of a trajectory is put at its own randomly chosen saved noise level (
 Self-Forcing `ode_init.pt`); one block-causal forward predicts x0 for every block; the loss is the MSE to the
 trajectory's clean end. The result, `ode_init.safetensors`, initialises the DMD stage's generator.
 
-The levels are drawn per sample from (seed, step, global sample index) -- the stream tags each batch with its samples'
-indices (src/training/streams.py) -- so a resumed run draws what the straight run drew. A non-finite loss or gradient
-norm skips the step (src/training/reliability.py NonFiniteGuard); the export refuses non-finite weights.
+The levels are drawn per sample from (seed, iteration, global sample index) -- the stream tags each batch with its
+iteration and its samples' indices (src/training/streams.py) -- so a resumed run draws what the straight run drew. A
+non-finite loss or gradient norm skips the step (src/training/reliability.py NonFiniteGuard); the export refuses non-
+finite weights.
 """
 
 from __future__ import annotations
@@ -51,23 +52,25 @@ class OdeInitTask(L.LightningModule):
         self.guard = NonFiniteGuard(self, max_consecutive_skips)
         self.loss_finite = True
 
-    def draw_levels(self, b: int, blocks: int, k: int, index: list[int] | None) -> torch.Tensor:
-        """[B, blocks] saved-state index per block, each sample's from (seed, step, its global index)."""
+    def draw_levels(self, b: int, blocks: int, k: int, index: list[int] | None, iteration: int) -> torch.Tensor:
+        """[B, blocks] saved-state index per block, each sample's from (seed, iteration, its global index)."""
         index = list(range(b)) if index is None else index
         rows = []
         for i in index:
-            g = torch.Generator().manual_seed(derived_seed(self.hparams.seed, self.global_step, "ode_init_levels", i))
+            g = torch.Generator().manual_seed(derived_seed(self.hparams.seed, iteration, "ode_init_levels", i))
             rows.append(torch.randint(0, k - 1, (blocks,), generator=g))
         return torch.stack(rows)
 
     def regression_loss(self, trajectory: torch.Tensor, sigmas: torch.Tensor, prompts: list[str],
-                        index: list[int] | None = None) -> torch.Tensor:
-        """trajectory [B, K, F, C, h, w] with states at sigmas [K] (last = clean): per-block random level, x0 MSE."""
+                        index: list[int] | None = None, iteration: int | None = None) -> torch.Tensor:
+        """trajectory [B, K, F, C, h, w] with states at sigmas [K] (last = clean): per-block random level, x0 MSE.
+        The levels are keyed by (seed, iteration (default: the optimizer step), global sample index)."""
         b, k, f = trajectory.shape[:3]
         fpb = self.hparams.frames_per_block
         if f % fpb:
             raise ValueError(f"trajectory has {f} frames, not a multiple of frames_per_block={fpb}")
-        levels = self.draw_levels(b, f // fpb, k, index).to(trajectory.device).repeat_interleave(fpb, dim=1)
+        iteration = self.global_step if iteration is None else iteration
+        levels = self.draw_levels(b, f // fpb, k, index, iteration).to(trajectory.device).repeat_interleave(fpb, dim=1)
         frames = torch.arange(f, device=trajectory.device)
         x = trajectory[torch.arange(b, device=trajectory.device)[:, None], levels, frames[None, :]]  # [B, F, C, h, w]
         t = 1000.0 * sigmas.to(trajectory.device)[levels].float()
@@ -77,7 +80,8 @@ class OdeInitTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         index = batch["index"].tolist() if "index" in batch else None
-        loss = self.regression_loss(batch["trajectory"], batch["sigmas"][0], batch["prompt"], index)
+        iteration = int(batch["iteration"]) if "iteration" in batch else None
+        loss = self.regression_loss(batch["trajectory"], batch["sigmas"][0], batch["prompt"], index, iteration)
         self.loss_finite = bool(torch.isfinite(loss))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss

@@ -1,14 +1,14 @@
 """Teacher ODE trajectories ("ODE pairs") as webdataset shards (read back by src/training/streams.py).
 
 Writing (`python -m src.train experiment=ode_pairs`, `trainer.predict`): the prompt set is cut into chunks of
-`pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically with its `.sha256`. A chunk
-whose shard and checksum exist is skipped, so an interrupted run resumes, and under DDP each rank takes its own chunks
-(Lightning's distributed sampler). Each trajectory is the world's `ode_teacher`'s Euler ODE (48 steps, shift 8,
-CFG u + 6 (c - u)) from noise drawn from `seed` and the prompt's index, so a resumed or re-sharded run writes the
-same data. The ODE teacher is the bidirectional base model, as officially (the Wan world: Wan2.1-T2V-1.3B in fp32;
-the 14B is only the DMD teacher). `manifest.json` in the shard folder records what made the shards (the ODE
-teacher's sha256, the ODE settings); a run whose settings differ from an existing manifest stops before writing
-anything.
+`pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically with its `.sha256`. A chunk whose
+shard and checksum exist is skipped, so an interrupted run resumes (and writes the bytes the straight run wrote), and
+under DDP each rank takes its own chunks (Lightning's distributed sampler). Each trajectory is the world's
+`ode_teacher`'s Euler ODE (48 steps, shift 8, CFG u + 6 (c - u)) from noise drawn from `seed` and the prompt's index, so
+a resumed or re-sharded run writes the same data. The ODE teacher is the bidirectional base model, as officially (the
+Wan world: Wan2.1-T2V-1.3B in fp32; the 14B is only the DMD teacher). `manifest.json` in the shard folder records what
+made the shards (the ODE teacher's sha256, the ODE settings); a run whose settings differ from an existing manifest
+stops before writing anything.
 
 A sample: `<key>.npy` float32 [K, F, C, h, w] (states at `save_indices`, the last one clean), `<key>.json`
 {"prompt", "sigmas", "indices"}.
@@ -191,7 +191,8 @@ class PairShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         final = self.shard_dir / SHARD_PATTERN.format(prediction["chunk"])
-        with atomic_path(final) as partial, wds.TarWriter(str(partial)) as sink:
+        # mtime 0: the same chunk gives the same bytes, so a rebuilt shard matches its checksum and its manifest
+        with atomic_path(final) as partial, wds.TarWriter(str(partial), mtime=0) as sink:
             for index, prompt, states in zip(prediction["indices"], prediction["prompts"], prediction["states"]):
                 meta = {"prompt": prompt, "sigmas": prediction["sigmas"],
                         "indices": pl_module.hparams.save_indices}

@@ -217,12 +217,13 @@ class PositionalStream(IterableDataset):
 
 def run_position(trainer) -> tuple[int, int, int]:
     """(iteration to start at, rank, world size): the task's own iteration counter when it has one (the distillation
-    counts iterations, its optimizer steps are 1 or 2 per iteration), else the optimizer-step counter."""
+    counts iterations, its optimizer steps are 1 or 2 per iteration), else the batches the optimizer steps took
+    (automatic optimisation: `accumulate_grad_batches` per step; checkpoints fall on step boundaries)."""
     if trainer is None:
         return 0, 0, 1
     module = trainer.lightning_module
     iteration = int(module.iteration) if isinstance(getattr(module, "iteration", None), torch.Tensor) \
-        else trainer.global_step
+        else trainer.global_step * trainer.accumulate_grad_batches
     return iteration, trainer.global_rank, trainer.world_size
 
 

@@ -1,9 +1,12 @@
 """The bidirectional teacher: a WanDiT trained by flow matching (v = noise - x0) on a world's videos.
 
 Text is dropped to the world's negative prompt for a fraction of samples so the teacher supports classifier-free
-guidance. EMA weights come from Lightning's `EMAWeightAveraging` callback (conf/experiment/teacher_toy.yaml), which
-keeps both weight sets in the checkpoint and so resumes exactly; its checkpoints' `state_dict` holds the EMA weights.
-`export_teacher` writes those as a safetensors file with the model config in the metadata; `load_teacher` reads it.
+guidance. Each sample's draws (text dropout, noise level, noise) come from (seed, iteration, its global index), the
+iteration's clip length from (seed, iteration): the stream tags each batch with both (src/worlds/toy/data.py), so a
+resumed run trains on exactly what the straight run would have. EMA weights come from Lightning's `EMAWeightAveraging`
+callback (conf/experiment/teacher_toy.yaml), which keeps both weight sets in the checkpoint and so resumes exactly; its
+checkpoints' `state_dict` holds the EMA weights. `export_teacher` writes those as a safetensors file with the model
+config in the metadata; `load_teacher` reads it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_dit, save_dit
 from src.models.wan import WanConfig, WanDiT
+from src.sampling.noise import derived_seed
 from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 from src.training.reliability import (
     TASK_KEY,
@@ -57,6 +61,7 @@ class TeacherTask(L.LightningModule):
         timestep_shift: float = 1.0,
         clip_frames: list[int] | None = None,
         max_consecutive_skips: int = 3,
+        seed: int = 0,
     ):
         super().__init__()
         model, text_encoder, codec = plain(model), plain(text_encoder), plain(codec)
@@ -68,7 +73,7 @@ class TeacherTask(L.LightningModule):
              "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
              "timestep_shift": timestep_shift,
              "clip_frames": list(clip_frames) if clip_frames else None,
-             "max_consecutive_skips": max_consecutive_skips}
+             "max_consecutive_skips": max_consecutive_skips, "seed": seed}
         )
         self.model = WanDiT(model_config(model))
         self.text_encoder = hydra.utils.instantiate(text_encoder)
@@ -76,31 +81,42 @@ class TeacherTask(L.LightningModule):
         self.guard = NonFiniteGuard(self, max_consecutive_skips)
         self.loss_finite = True
 
-    def sample_timesteps(self, batch: int) -> torch.Tensor:
-        """Logit-normal noise levels (SD3), then shifted as the sampler's grid is: sigma = shift(sigmoid(N(mean, std))).
+    def timesteps(self, normal: torch.Tensor) -> torch.Tensor:
+        """Logit-normal noise levels (SD3) from standard-normal draws, then shifted as the sampler's grid is:
+        sigma = shift(sigmoid(mean + std * normal)).
 
         The shift should match the sampler's: high noise levels are where the prompt decides the motion, and a shifted
         sampler spends most of its steps there.
         """
-        normal = torch.randn(batch, device=self.device) * self.hparams.logit_std + self.hparams.logit_mean
+        normal = normal * self.hparams.logit_std + self.hparams.logit_mean
         return shift_sigma(torch.sigmoid(normal), self.hparams.timestep_shift) * NUM_TRAIN_TIMESTEPS
 
-    def flow_matching_loss(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        clip_frames = self.hparams.clip_frames
-        if clip_frames:  # a random clip length per batch, always from frame 0, so the prompt's direction holds
-            length = clip_frames[int(torch.randint(len(clip_frames), ()))]
-            pixels = pixels[:, :length]
+    def flow_matching_loss(self, pixels: torch.Tensor, prompts: list[str], iteration: int,
+                           index: list[int] | None = None) -> torch.Tensor:
+        """Every draw keyed by (seed, iteration[, global sample index]) (index None: 0..B-1), never by process RNG
+        state, so a resumed run or another world size draws what the straight run drew."""
+        hp = self.hparams
+        index = range(len(prompts)) if index is None else index
+        if hp.clip_frames:  # a random clip length per iteration (the same on every rank), always from frame 0
+            g = torch.Generator().manual_seed(derived_seed(hp.seed, iteration, "teacher_clip"))
+            pixels = pixels[:, : hp.clip_frames[int(torch.randint(len(hp.clip_frames), (), generator=g))]]
         x0 = self.codec.encode(pixels)
-        drop = torch.rand(len(prompts)) < self.hparams.text_dropout
-        prompts = [self.hparams.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
+        drops, normals, noises = [], [], []
+        for i in index:
+            g = torch.Generator().manual_seed(derived_seed(hp.seed, iteration, "teacher", i))
+            drops.append(bool(torch.rand((), generator=g) < hp.text_dropout))
+            normals.append(torch.randn((), generator=g))
+            noises.append(torch.randn(x0.shape[1:], generator=g))
+        prompts = [hp.negative_prompt if d else p for p, d in zip(prompts, drops)]
         context, _ = self.text_encoder.encode(prompts)
-        t = self.sample_timesteps(x0.shape[0])
-        noise = torch.randn_like(x0)
+        t = self.timesteps(torch.stack(normals)).to(x0.device)
+        noise = torch.stack(noises).to(device=x0.device, dtype=x0.dtype)
         velocity = self.model(add_noise(x0, noise, t), t, context)
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
     def training_step(self, batch, batch_idx):
-        loss = self.flow_matching_loss(batch["video"], batch["prompt"])
+        loss = self.flow_matching_loss(batch["video"], batch["prompt"], int(batch["iteration"]),
+                                       batch["index"].tolist())
         self.loss_finite = bool(torch.isfinite(loss))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss

@@ -4,22 +4,23 @@ Write:  python -m src.worlds.toy.data --out data/toy_videos --num-videos 8000 --
 The folder's `manifest.json` records how the shards were made (generator fingerprint, frames, size); the datamodule
 refuses shards whose generator or shape differ from what it was asked for.
 A sample is `<key>.npy` (uint8 video [T, 3, H, W]), `<key>.json` (attributes, seed, prompt) and `<key>.txt` (prompt).
-Batches are {"video": float [B, T, 3, H, W] in [-1, 1], "prompt": list[str]}.
+Batches are {"video": float [B, T, 3, H, W] in [-1, 1], "prompt": list[str], "iteration", "index"} (the stream's
+position: the iteration and the samples' global indices, which key the teacher's per-sample draws).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
 
+from src.sampling.noise import derived_seed
+from src.training.streams import EpochOrder, PositionalStream, ShardIndex, load_npy, loader, rank_positions, run_position
 from src.worlds.toy.shapes import (
     generator_fingerprint,
     prompt_from_attributes,
@@ -84,77 +85,29 @@ def shard_paths(shard_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(shard_dir).glob("toy-*.tar"))
 
 
-def _to_example(sample: dict) -> dict:
-    return {"video": from_uint8(sample["npy"]), "prompt": sample["txt"]}
-
-
-def _collate(examples: list[dict]) -> dict:
-    return {"video": torch.stack([e["video"] for e in examples]), "prompt": [e["prompt"] for e in examples]}
-
-
-def shard_pipeline(urls: list[str], batch_size: int, shuffle_buffer: int = 1000, seed: int = 0) -> wds.WebDataset:
-    """Endless resampled training stream; each node and worker draws its own shards (split_by_node for DDP)."""
-    if not urls:
-        raise ValueError("no shards given")
-    dataset = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed)
-    return dataset.shuffle(shuffle_buffer).decode().map(_to_example).batched(batch_size, collation_fn=_collate)
-
-
-class ProceduralVideos(IterableDataset):
-    """Endless freshly rendered batches (of the attributes that agree with `fixed`); rank and worker get disjoint seeds."""
-
-    def __init__(self, batch_size: int, num_frames: int, height: int, width: int, seed: int = 0,
-                 fixed: dict | None = None):
-        self.batch_size, self.num_frames, self.height, self.width, self.seed = batch_size, num_frames, height, width, seed
-        self.fixed = dict(fixed) if fixed else None
-        sample_attributes(np.random.default_rng(0), self.fixed)  # a bad `fixed` fails here, not in a worker
-
-    def __iter__(self):
-        worker = get_worker_info()
-        rank = int(os.environ.get("RANK", 0))
-        rng = np.random.default_rng([self.seed, rank, worker.id if worker else 0])
-        while True:
-            samples = [random_sample(rng, self.num_frames, self.height, self.width, self.fixed)
-                       for _ in range(self.batch_size)]
-            yield {"video": torch.stack([s["video"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
-
-
-class WarmupFirst(IterableDataset):
-    """`warmup` batches of `first`, then `then` for ever. The count is kept across epochs (the loader reuses this
-    object in its process, or in persistent workers) and split over the loader's workers as their batches interleave.
-    """
-
-    def __init__(self, first: IterableDataset, then: IterableDataset, warmup: int):
-        self.first, self.then, self.warmup = first, then, warmup
-        self.remaining = None
-
-    def __iter__(self):
-        if self.remaining is None:
-            worker = get_worker_info()
-            index, count = (worker.id, worker.num_workers) if worker else (0, 1)
-            self.remaining = len(range(index, self.warmup, count))  # batches index, index + count, ... are this one's
-        if self.remaining > 0:
-            for batch in self.first:
-                self.remaining -= 1
-                yield batch
-                if self.remaining == 0:
-                    break
-        yield from self.then
+def _collate(samples: list[dict]) -> dict:
+    return {"video": torch.stack([s["video"] for s in samples]), "prompt": [s["prompt"] for s in samples]}
 
 
 class ToyVideoDataModule(L.LightningDataModule):
     """source="shards": read (and, if absent, first write) webdataset shards; source="procedural": render on the fly.
 
-    A warm-up world comes first if warmup_batches > 0: that many batches of `warmup_frames`-frame videos rendered with
-    `warmup_attributes` held fixed (e.g. one colour, shape and background, so only the direction varies). A DiT
-    trained on the full world from scratch never learns the direction word; one that learns it in a warm-up of short
-    clips keeps it (experiments/teacher_toy). The warm-up counts optimizer steps, so a resumed run does not repeat it.
+    A positional stream (src/training/streams.py): iteration i's batch is a function of (seed, i, global sample index)
+    whatever the world size, so a resumed run reads what the straight run read. Shards are read by random access
+    (every shard indexed and its clips' shape checked when the loader is built), draw n of the shard stream being
+    video perm_e[n mod N] of a per-epoch permutation; procedural sample j of iteration i is rendered from
+    derived_seed(seed, "toy_videos", i, j). `batch_size` is per rank (the global batch is batch_size x world size).
+
+    A warm-up world comes first if warmup_batches > 0: iterations 0..warmup_batches-1 are `warmup_frames`-frame videos
+    rendered with `warmup_attributes` held fixed (e.g. one colour, shape and background, so only the direction varies).
+    A DiT trained on the full world from scratch never learns the direction word; one that learns it in a warm-up of
+    short clips keeps it (experiments/teacher_toy). The shard stream starts at draw 0 after the warm-up.
     """
 
     def __init__(self, source: str = "shards", shard_dir: str = "data/toy_videos", num_videos: int = 8000,
                  num_frames: int = 21, height: int = 16, width: int = 16, batch_size: int = 16, num_workers: int = 0,
-                 shuffle_buffer: int = 1000, batches_per_epoch: int = 1000, seed: int = 0, warmup_batches: int = 0,
-                 warmup_attributes: dict | None = None, warmup_frames: int | None = None):
+                 seed: int = 0, shuffle: bool = True, warmup_batches: int = 0, warmup_attributes: dict | None = None,
+                 warmup_frames: int | None = None):
         super().__init__()
         if source not in ("shards", "procedural"):
             raise ValueError(f"source must be 'shards' or 'procedural', got {source!r}")
@@ -176,29 +129,38 @@ class ToyVideoDataModule(L.LightningDataModule):
         else:
             write_shards(hp.shard_dir, hp.num_videos, hp.num_frames, hp.height, hp.width, seed=hp.seed)
 
-    def setup(self, stage: str):
-        # webdataset reads the rank from RANK; Lightning's launcher sets only WORLD_SIZE (webdataset issue #361)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            os.environ.setdefault("RANK", str(self.trainer.global_rank))
+    def video_index(self) -> ShardIndex:
+        hp = self.hparams
+        urls = shard_paths(hp.shard_dir)
+        if not urls:
+            raise FileNotFoundError(f"no toy-*.tar shards in {hp.shard_dir}")
+        return ShardIndex(urls, ("npy", "txt"), (hp.num_frames, 3, hp.height, hp.width))
 
     def train_dataloader(self):
         hp = self.hparams
-        if hp.source == "procedural":
-            dataset = ProceduralVideos(hp.batch_size, hp.num_frames, hp.height, hp.width, seed=hp.seed)
-        else:
-            urls = shard_paths(hp.shard_dir)
-            if not urls:
-                raise FileNotFoundError(f"no toy-*.tar shards in {hp.shard_dir}")
-            dataset = shard_pipeline(urls, hp.batch_size, hp.shuffle_buffer, seed=hp.seed)
-        steps_done = self.trainer.global_step if self.trainer is not None else 0
-        warmup = max(0, hp.warmup_batches - steps_done)
-        if warmup:
-            first = ProceduralVideos(hp.batch_size, hp.warmup_frames or hp.num_frames, hp.height, hp.width,
-                                     seed=hp.seed + 1, fixed=hp.warmup_attributes)
-            dataset = WarmupFirst(first, dataset, warmup)
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=hp.num_workers,
-                               persistent_workers=hp.num_workers > 0)
-        return loader.with_epoch(hp.batches_per_epoch)
+        start, rank, world = run_position(self.trainer)
+        global_batch = hp.batch_size * world
+        videos = self.video_index() if hp.source == "shards" else None
+        order = EpochOrder(len(videos), hp.seed, "toy_videos", hp.shuffle) if videos is not None else None
+
+        def rendered(stream: str, iteration: int, j: int, frames: int, fixed: dict | None) -> dict:
+            rng = np.random.default_rng(derived_seed(hp.seed, stream, iteration, j))
+            return random_sample(rng, frames, hp.height, hp.width, fixed)
+
+        def read(draw: int) -> dict:
+            raw = videos.read(order(draw))
+            return {"video": from_uint8(load_npy(raw["npy"])), "prompt": raw["txt"].decode()}
+
+        def make_batch(iteration: int, positions: list[int]) -> dict:
+            if iteration < hp.warmup_batches:
+                frames = hp.warmup_frames or hp.num_frames
+                return _collate([rendered("toy_warmup", iteration, j, frames, hp.warmup_attributes) for j in positions])
+            if videos is None:
+                return _collate([rendered("toy_videos", iteration, j, hp.num_frames, None) for j in positions])
+            first = (iteration - hp.warmup_batches) * global_batch
+            return _collate([read(first + j) for j in positions])
+
+        return loader(PositionalStream(make_batch, rank_positions(hp.batch_size, rank, world), start), hp.num_workers)
 
 
 def main(argv: list[str] | None = None):
