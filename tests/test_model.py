@@ -387,3 +387,25 @@ def test_compiled_blocks_match_eager(tiny_config):
         compile_blocks(model)
         compiled = model(x, t, ctx, frames_per_block=3, window=3)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_built_in_inference_or_fake_mode_serve_a_later_backward(tiny_model):
+    """The RoPE table cache never hands a later training forward an inference-mode tensor (Lightning's predict, e.g.
+    the ODE pairs, runs under it) or a fake one (the estimator)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from src.models.wan import rope_tables
+
+    x = torch.randn(1, 3, 4, 4, 4)
+    t = torch.full((1, 3), 500.0)
+    ctx = torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim)
+    with torch.inference_mode():
+        tiny_model(x, t, ctx)
+    tiny_model(x, t, ctx).square().mean().backward()
+    assert all(p.grad is not None for p in tiny_model.blocks[0].self_attn.q.parameters())
+
+    geometry = (16, 5, 7, 3, 2)  # one no other test uses
+    with FakeTensorMode():
+        assert isinstance(rope_tables(*geometry, "cpu"), FakeTensor)
+    real = rope_tables(*geometry, "cpu")
+    assert not isinstance(real, FakeTensor) and torch.isfinite(real).all()

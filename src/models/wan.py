@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
@@ -130,12 +131,20 @@ def rope_angles(positions: torch.Tensor, axis_dim: int) -> torch.Tensor:
     return torch.outer(positions.to(torch.float64), freqs)
 
 
-@functools.lru_cache(maxsize=64)
 def rope_tables(head_dim: int, start: int, n_frames: int, h: int, w: int, device) -> torch.Tensor:
     """(cos, sin) pairs [1, L, 1, head_dim/2, 2] (float32) for the tokens of frames start .. start + F - 1 on an h x w
     grid, in (f, h, w) order. Angles in float64; cached per geometry, so every layer and every later forward at the
-    same frames reuse one table (no host work, no float64 in the forward)."""
-    device = torch.device(device)
+    same frames reuse one table (no host work, no float64 in the forward). The cache holds only ordinary tensors: one
+    made under inference mode could not be saved for a later backward, a fake one (src.estimate) has no values."""
+    with torch.inference_mode(False):
+        table = _rope_table(head_dim, start, n_frames, h, w, torch.device(device))
+    if isinstance(table, FakeTensor):
+        _rope_table.cache_clear()
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(head_dim: int, start: int, n_frames: int, h: int, w: int, device: torch.device) -> torch.Tensor:
     df, dh, dw = rope_axis_dims(head_dim)
     grid = (n_frames, h, w)
     frame = rope_angles(torch.arange(start, start + n_frames, device=device), df)[:, None, None]
