@@ -28,7 +28,6 @@ from src.training.reliability import (
     TASK_KEY,
     NonFiniteGuard,
     check_checkpoint_task,
-    drop_gradients,
     save_finite,
     task_record,
 )
@@ -87,12 +86,7 @@ class OdeInitTask(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        params = list(self.generator.parameters())
-        grad_norm = self.guard.grad_norm(params)
-        if not self.guard.step_allowed(self, self.loss_finite, grad_norm):
-            drop_gradients(params)
-        self.log("train/grad_norm", grad_norm)
-        self.log("train/nonfinite_skips", self.nonfinite_skips.float())
+        self.log("train/grad_norm", self.guard.before_step(self, self.generator.parameters()))
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -251,6 +251,16 @@ class NonFiniteGuard:
                 "Nothing was exported.")
         return False
 
+    def before_step(self, module: L.LightningModule, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+        """A LightningModule's `on_before_optimizer_step` under automatic optimisation (the module sets `loss_finite`
+        in its training step): drops the gradients of a skipped step, logs the skip count; returns the gradient norm."""
+        params = list(params)
+        grad_norm = self.grad_norm(params)
+        if not self.step_allowed(module, module.loss_finite, grad_norm):
+            drop_gradients(params)
+        module.log("train/nonfinite_skips", module.nonfinite_skips.float())
+        return grad_norm
+
 
 def drop_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """With no .grad, AdamW leaves a parameter and its state untouched: the step becomes a no-op."""

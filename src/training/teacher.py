@@ -27,7 +27,6 @@ from src.training.reliability import (
     TASK_KEY,
     NonFiniteGuard,
     check_checkpoint_task,
-    drop_gradients,
     save_finite,
     task_record,
 )
@@ -123,11 +122,7 @@ class TeacherTask(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite loss or gradient norm skips the step (src/training/reliability.py NonFiniteGuard)."""
-        params = list(self.model.parameters())
-        grad_norm = self.guard.grad_norm(params)
-        if not self.guard.step_allowed(self, self.loss_finite, grad_norm):
-            drop_gradients(params)
-        self.log("train/nonfinite_skips", self.nonfinite_skips.float())
+        self.guard.before_step(self, self.model.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TASK_KEY] = task_record(self, checkpoint["state_dict"])
