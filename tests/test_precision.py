@@ -67,7 +67,7 @@ def test_ode_pairs_and_ode_init_in_bf16(teacher_file):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pairs.predict_step({"chunk": 0, "indices": [0, 1], "prompts": ["a red circle", "a blue square"]}, 0)
     assert out["states"].shape == (2, 5, 6, 12, 4, 4) and torch.isfinite(out["states"]).all()
-    assert not torch.equal(out["states"][:, 0], out["states"][:, -1])  # the teacher moved the noise
+    assert (out["states"][:, -1] - out["states"][:, 0]).abs().mean() > 0.02  # the (random) teacher moved the noise
 
     init = OdeInitTask(world=world, frames_per_block=3, lr=1e-3)
     trajectory = out["states"].float()

@@ -11,7 +11,7 @@ import torch
 
 from src.checkpoints import save_dit
 from src.models.wan import WanConfig, WanDiT
-from tests.test_workflow import PAIRS, ROOT, STUDENT, TINY_MODEL, cli, tiny_world
+from tests.test_workflow import PAIRS, ROOT, STUDENT, cli, project_with_pairs
 
 README = (ROOT / "README.md").read_text()
 CHECKED_ELSEWHERE = {
@@ -46,11 +46,7 @@ def test_every_readme_command_is_run_or_named_here():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme_project")
-    torch.manual_seed(0)
-    teacher = root / "teacher.safetensors"
-    save_dit(WanDiT(WanConfig(**TINY_MODEL, patch_size=(1, 2, 2))), teacher)
-    tiny = tiny_world(teacher)
-    cli(["-m", "src.train", "experiment=ode_pairs", *tiny, *PAIRS], root, root)
+    tiny = project_with_pairs(root, root)
     cli(["-m", "src.train", "experiment=ode_init", *tiny], root, root)
     # a toy-sized student where the README's generation commands look for it
     student = root / "artifacts/toy/hiar_fkl/student.safetensors"

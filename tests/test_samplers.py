@@ -117,8 +117,9 @@ def test_noise_bank_is_addressed_and_shared():
     first = a.noise("renoise", 2, 5, (1, 3, 4))
     b.noise("init", 0, 0, (2, 2))
     assert torch.equal(first, b.noise("renoise", 2, 5, (1, 3, 4)))
-    assert not torch.equal(first, a.noise("renoise", 2, 4, (1, 3, 4)))
-    assert not torch.equal(first, NoiseBank(8).noise("renoise", 2, 5, (1, 3, 4)))
+    # another address or seed: another draw (differences of order 1, not rounding)
+    assert (first - a.noise("renoise", 2, 4, (1, 3, 4))).abs().max() > 0.5
+    assert (first - NoiseBank(8).noise("renoise", 2, 5, (1, 3, 4))).abs().max() > 0.5
     with pytest.raises(ValueError, match="unknown noise kind"):
         a.noise("bogus", 0, 0, (1,))
 
@@ -142,7 +143,7 @@ def test_orders_consume_the_same_noise_addresses(tiny_model, ctx):
     for bank in banks.values():
         assert set(bank.addresses) == expected and len(bank.addresses) == len(expected)
     assert torch.equal(outs["step_first"], sample(tiny_model, ctx, 9, LATENT, cfg, NoiseBank(3), order="step_first"))
-    assert not torch.equal(outs["step_first"], sample(tiny_model, ctx, 9, LATENT, cfg, NoiseBank(4)))
+    assert (outs["step_first"] - sample(tiny_model, ctx, 9, LATENT, cfg, NoiseBank(4))).abs().max() > 0.1
     euler = LoggingBank(3)
     sample(tiny_model, ctx, 9, LATENT, SamplerConfig(steps=[1000, 500], window=None, renoise=False), euler)
     assert {kind for kind, _, _ in euler.addresses} == {"init"}

@@ -52,7 +52,7 @@ def test_render_video_is_seeded_moves_and_stays_in_range():
     video = render_video(ATTRS, 81, 16, 16, seed=3)
     assert video.shape == (81, 3, 16, 16) and video.min() >= -1 and video.max() <= 1
     assert torch.equal(video, render_video(ATTRS, 81, 16, 16, seed=3))
-    assert not torch.equal(video, render_video(ATTRS, 81, 16, 16, seed=4))
+    assert (video - render_video(ATTRS, 81, 16, 16, seed=4)).abs().mean() > 0.01  # another seed, another video
     assert (video[1:] - video[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0  # never frozen, bounces included
     assert render_video(ATTRS, 5, 32, 24, seed=0).shape == (5, 3, 32, 24)
 
@@ -244,5 +244,5 @@ def test_text_encoder_is_deterministic_and_order_sensitive():
     assert mask[0].sum() == 10 and mask[2].sum() == 2 and not mask[3].any()
     assert (embeddings[~mask] == 0).all()
     assert not torch.allclose(embeddings[0], embeddings[1])  # same words, different order
-    assert not torch.equal(embeddings, ToyTextEncoder(seed=1).encode(prompts)[0])
+    assert (embeddings - ToyTextEncoder(seed=1).encode(prompts)[0]).abs().max() > 0.1  # the seed matters
     assert not any(p.requires_grad for p in encoder.parameters())

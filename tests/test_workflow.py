@@ -47,17 +47,22 @@ def cli(args: list[str], root: Path, cwd: Path, check: bool = True, wait: bool =
     return proc.returncode, out, err
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project root (HIAR_ROOT) with published ODE pairs, made from another directory; returns (root, overrides)."""
-    root = tmp_path_factory.mktemp("project")
+def project_with_pairs(root: Path, cwd: Path) -> list[str]:
+    """A project root (HIAR_ROOT) with a random tiny teacher and ODE pairs published by the CLI run from `cwd`;
+    returns the tiny world's overrides."""
     torch.manual_seed(0)
     teacher = root / "teacher.safetensors"
     save_dit(WanDiT(WanConfig(**TINY_MODEL, patch_size=(1, 2, 2))), teacher)
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
     tiny = tiny_world(teacher)
-    cli(["-m", "src.train", "experiment=ode_pairs", *tiny, *PAIRS], root, elsewhere)
-    return root, tiny, elsewhere
+    cli(["-m", "src.train", "experiment=ode_pairs", *tiny, *PAIRS], root, cwd)
+    return tiny
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project root with published ODE pairs, made from another directory; returns (root, overrides, that dir)."""
+    root, elsewhere = tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("elsewhere")
+    return root, project_with_pairs(root, elsewhere), elsewhere
 
 
 def published(root: Path, stage: str) -> dict:
