@@ -210,6 +210,14 @@ def _markdown(results: dict, paths: dict[str, Path], out: Path) -> list[str]:
         keys = sorted({k for v in oracle.values() for k in v})
         lines += ["## Toy-world oracle", ""]
         lines += _table(["method", *keys], [[m, *[v.get(k) for k in keys]] for m, v in oracle.items()])
+        lines += ["### Oracle per segment (drift: quality over time; speed and direction: motion over time)", ""]
+        rows = []
+        for method, r in methods.items():
+            per_segment = (r["summary"].get("oracle") or {}).get("segments")
+            if isinstance(per_segment, dict):
+                rows += [[method, name, *values] for name, values in per_segment.items()]
+        n = max((len(row) - 2 for row in rows), default=0)
+        lines += _table(["method", "measure", *[f"seg {i + 1}" for i in range(n)]], rows)
 
     unavailable = results.get("unavailable") or {}
     if unavailable:

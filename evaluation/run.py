@@ -65,7 +65,7 @@ def render_reference(cfg: DictConfig, out_dir: Path) -> list[VideoEntry]:
     """The toy world's ground truth for the first `reference.prompts` held-out prompts, written as mp4."""
     from src.worlds.toy.shapes import heldout_prompts, parse_prompt, render_video
 
-    num_frames = round(cfg.reference.duration_s * cfg.world.fps)
+    num_frames = round(cfg.reference.duration_s * cfg.world.fps) + 1  # the first frame, then fps per second: 20 s -> 81
     entries = []
     for prompt in heldout_prompts(cfg.reference.prompts):
         for seed in cfg.reference.seeds:

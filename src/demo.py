@@ -89,12 +89,25 @@ def main(argv: list[str] | None = None) -> dict:
     ], timings)
 
     summary = {"seconds": timings, "videos": str(report_dir / "videos"), "report": str(report_dir / "report.md"),
-               "student": str(student), "artifacts": str(artifacts)}
+               "student": str(student), "artifacts": str(artifacts),
+               "oracle_per_segment": oracle_per_segment(report_dir / "report.json")}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2))
     print("\n=== demo finished")
     for key, value in summary.items():
-        print(f"{key}: {value}")
+        if key != "oracle_per_segment":
+            print(f"{key}: {value}")
+    print("oracle per 4 s segment of the 20 s videos:")
+    for method, measures in summary["oracle_per_segment"].items():
+        for name, values in measures.items():
+            print(f"  {method:>14} {name:<20} " + " ".join(f"{v:.2f}" for v in values))
     return summary
+
+
+def oracle_per_segment(report_json: Path, measures=("fidelity", "direction_agreement", "object_found", "motion")) -> dict:
+    """{method: {measure: per-segment means}} of the report's toy-world oracle."""
+    methods = json.loads(report_json.read_text())["methods"]
+    return {method: {m: r["summary"]["oracle"]["segments"][m] for m in measures}
+            for method, r in methods.items() if r["summary"].get("oracle")}
 
 
 if __name__ == "__main__":

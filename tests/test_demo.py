@@ -1,5 +1,6 @@
 """src.demo rebuilds exactly the stages whose inputs changed (and those downstream of them), nothing else."""
 
+import json
 import os
 
 import src.demo as demo
@@ -13,6 +14,11 @@ def test_demo_rebuilds_exactly_the_changed_stages(tmp_path, monkeypatch):
     def fake_run(stage, args, timings):
         """Stands in for a stage's process: publishes an export with the manifest that stage would write."""
         ran.append(stage)
+        if stage == "generate_and_report":  # the report's oracle part, which the demo prints per segment
+            segments = {m: [1.0, 0.5] for m in ("fidelity", "direction_agreement", "object_found", "motion")}
+            report = tmp_path / "demo/report/report.json"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps({"methods": {"hiar_fkl": {"summary": {"oracle": {"segments": segments}}}}}))
         if stage not in demo.STAGES:
             return
         run_dir = tmp_path / "runs" / str(next(builds))
@@ -27,8 +33,9 @@ def test_demo_rebuilds_exactly_the_changed_stages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "run", fake_run)
     out = str(tmp_path / "demo")
-    demo.main(["--out", out])
+    summary = demo.main(["--out", out])
     assert ran == ["ode_pairs", "ode_init", "hiar_fkl", "generate_and_report"]
+    assert summary["oracle_per_segment"]["hiar_fkl"]["fidelity"] == [1.0, 0.5]
     ran.clear()
     demo.main(["--out", out])
     assert ran == ["generate_and_report"]

@@ -3,14 +3,16 @@
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+from src.checkpoints import CheckpointError
 from src.sampling.ode import sample_ode, sample_videos
 from src.schedule import euler_grid
 from src.train import train
-from src.training.teacher import TeacherTask, export_teacher, load_teacher
+from src.training.teacher import TeacherTask, export_teacher, load_teacher, save_teacher
 from src.worlds.toy.data import ToyVideoDataModule
 from src.worlds.toy.shapes import prompt_from_attributes, render_video
 
@@ -113,7 +115,7 @@ def test_hydra_experiment_composes_and_trains(tmp_path):
         *[f"world.teacher.{k}={v}" for k, v in
           {"dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_heads": 2, "num_layers": 1}.items()],
         "data.source=procedural", "data.batch_size=2", "data.num_frames=5", "data.warmup_frames=3",
-        "task.clip_frames=[3,5]",
+        "task.clip_frames=[3,5]", "task.init_weights=null",  # the shipped v1 teacher is another size
         "trainer.max_steps=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", f"paths.data_dir={tmp_path}/data",
@@ -124,3 +126,13 @@ def test_hydra_experiment_composes_and_trains(tmp_path):
     metrics = train(cfg)
     assert "train/loss" in metrics
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_training_can_start_from_an_earlier_teacher(tmp_path):
+    earlier = tiny_task().model
+    save_teacher(earlier, tmp_path / "earlier.safetensors")
+    task = tiny_task(init_weights=str(tmp_path / "earlier.safetensors"))
+    assert all(torch.equal(v, earlier.state_dict()[k]) for k, v in task.model.state_dict().items())
+    with pytest.raises(CheckpointError, match="earlier.safetensors"):  # another architecture: named, before training
+        TeacherTask(model={**TINY_MODEL, "dim": 64, "ffn_dim": 128}, text_encoder=TEXT, codec=CODEC,
+                    init_weights=str(tmp_path / "earlier.safetensors"))

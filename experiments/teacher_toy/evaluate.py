@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from src.sampling.ode import sample_videos
 from src.training.teacher import load_teacher
-from src.worlds.toy.oracle import score_video, score_videos
-from src.worlds.toy.shapes import heldout_prompts
+from src.worlds.toy.oracle import analyse_frames, score_video, score_videos
+from src.worlds.toy.shapes import heldout_prompts, parse_prompt
 
 WORLD_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "world" / "toy.yaml"
 
@@ -37,11 +38,23 @@ def evaluate(model, prompts: list[str], seeds: list[int], num_frames: int, batch
                                         negative_prompt=world.negative_prompt, **ode_kwargs))
             video_prompts.extend(batch)
     results = score_videos(videos, video_prompts)
-    per_prompt = {}
+    per_prompt, crossing = {}, []
     for video, prompt in zip(videos, video_prompts):
-        per_prompt.setdefault(prompt, []).append(score_video(video, prompt)["fidelity"])
+        fidelity = score_video(video, prompt)["fidelity"]
+        per_prompt.setdefault(prompt, []).append(fidelity)
+        if crosses_an_edge(video, prompt):
+            crossing.append(fidelity)
     results["fidelity_per_prompt"] = {p: sum(v) / len(v) for p, v in per_prompt.items()}
+    results["edge_crossing"] = {"videos": len(crossing), "fidelity": sum(crossing) / len(crossing) if crossing else None}
     return results
+
+
+def crosses_an_edge(video: torch.Tensor, prompt: str) -> bool:
+    """Whether the object's centroid wraps around the frame between two frames where the oracle finds it."""
+    frames = video.float()
+    position = analyse_frames(frames, parse_prompt(prompt))["position"]
+    jumps = np.abs(np.diff(position, axis=0)) > np.array(frames.shape[-1:-3:-1]) / 2  # (x, y) against (W, H)
+    return bool(jumps.any())
 
 
 def main():
@@ -64,7 +77,8 @@ def main():
                        num_steps=args.steps, shift=args.shift, guidance_scale=args.cfg)
     results["settings"] = {**vars(args), "seconds": round(time.time() - started, 1)}
     summary = {k: results[k] for k in ("fidelity", "object_found", "direction_agreement", "motion", "smoothness",
-                                       "object_color_error", "background_color_error", "num_videos")}
+                                       "object_color_error", "shape_agreement", "background_color_error", "speckle",
+                                       "num_videos", "edge_crossing")}
     print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -1,116 +1,459 @@
-"""The toy-world ablation of issue 5: self_forcing vs hiar vs hiar_fkl, and the Self-Forcing student sampled
-step-first without retraining; 81-frame (20 s) generations for held-out prompts, scored by the oracle.
+"""The paper's ablations in the stationary toy world (issue 19): Table 2 (context level t_c), Table 3 (forward-KL
+variants, Self-Forcing weights sampled step-first, block-first Self-Forcing) and the Fig. 4 analogue (dynamics of
+checkpoints trained without forward-KL, one-step predictions in bidirectional vs causal attention, Pearson r).
 
-    .venv/bin/python experiments/toy_ablation/run.py            # writes experiments/toy_ablation/results.{json,md}
+    .venv/bin/python experiments/toy_ablation/run.py all --budget-min 60   # train / evaluate what is missing, report
+    .venv/bin/python experiments/toy_ablation/run.py report                # tables and plots from what exists
 
-All students share one set of ODE pairs and one ODE init (as in the paper), then differ only by their experiment
-config. Evaluation is `python -m evaluation.run` over the four methods plus the procedural ground truth.
+Resumable at every level: a student is trained only when its published output is missing or stale
+(src/artifacts.py, as in `make demo`), an interrupted student resumes from its last checkpoint, an evaluation is run
+only when its score file is missing, and `--budget-min` stops starting new work once that many minutes have passed.
+All students share one set of ODE pairs and one ODE init (as in the paper) and differ by experiment config and seed.
+Each evaluation: 81-frame (20 s) generations of 32 held-out prompts x 2 noise seeds = 64 videos, scored by the oracle
+per 4 s segment. A cell is the mean over training seeds +- their standard error (one seed: the standard error over
+its videos, marked *). Outputs: outputs/toy_ablation/ (artifacts, runs, scores), and here results.{md,json} and
+plots/*.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from src.demo import run  # noqa: E402  (one stage runner for the demo and this study)
+from src.artifacts import stale_reason  # noqa: E402
+from src.demo import run, stage_config  # noqa: E402  (one stage runner for the demo and this study)
+from src.io import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STUDENTS = ("self_forcing", "hiar", "hiar_fkl")
-# method name -> (trained experiment, sampler order at inference)
-METHODS = {
-    "self_forcing": ("self_forcing", "block_first"),
-    "self_forcing_step_first": ("self_forcing", "step_first"),
-    "hiar": ("hiar", "step_first"),
-    "hiar_fkl": ("hiar_fkl", "step_first"),
+EVAL_PROMPTS, EVAL_NOISE_SEEDS, EVAL_FRAMES, EVAL_BATCH = 32, 2, 81, 16
+EVAL_SEED = 1000  # batch b of an evaluation draws its noise from NoiseBank(EVAL_SEED + b)
+MEASURES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "shape_agreement", "speckle",
+            "motion", "smoothness")
+CURVES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "speckle", "motion")
+
+
+@dataclass(frozen=True)
+class Student:
+    experiment: str
+    overrides: tuple[str, ...] = ()
+
+
+STUDENTS = {
+    "self_forcing": Student("self_forcing"),
+    "hiar": Student("hiar"),
+    "hiar_fkl": Student("hiar_fkl"),
+    "tc_current": Student("hiar_fkl", ("sampler.context_level=current",)),
+    "tc_clean": Student("hiar_fkl", ("sampler.context_level=clean",)),
+    "fkl_causal": Student("hiar_fkl", ("fkl=causal",)),
+    "fkl_2steps": Student("hiar_fkl", ("fkl.num_steps=2",)),
 }
-COLUMNS = [("fidelity", "fidelity"), ("direction_agreement", "direction"), ("object_found", "object found"),
-           ("object_color_error", "object colour err"), ("motion", "motion px/frame"),
-           ("found_slope", "object found: slope"), ("found_first_last", "object found: last-first"),
-           ("motion_slope", "motion: slope"), ("hiar_drift", "HiAR drift (sat., sharpness)")]
-SEGMENT_MEASURES = ("fidelity", "direction_agreement", "motion")
+MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl")  # trained with every seed in --seeds; the others with the first
 
 
-def table(report: dict) -> tuple[list[dict], str]:
-    """One row per method from evaluation.run's report.json: oracle means and the drift over 5 segments."""
-    rows = []
-    for method, result in report["methods"].items():
-        summary = result["summary"]
-        oracle = summary.get("oracle") or {}
-        drift = oracle.get("drift", {})
-        rows.append({
-            "method": method,
-            "videos": oracle.get("num_videos"),
-            **{key: oracle.get(key) for key in ("fidelity", "direction_agreement", "object_found", "object_color_error",
-                                                 "motion")},
-            "found_slope": drift.get("object_found", {}).get("slope"),
-            "found_first_last": drift.get("object_found", {}).get("first_last"),
-            "motion_slope": drift.get("motion", {}).get("slope"),
-            "hiar_drift": summary.get("drift"),
-            "segments": {m: oracle.get("segments", {}).get(m) for m in SEGMENT_MEASURES},
-        })
-    lines = ["| method | videos | " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["method"], str(r["videos"])] + [_fmt(r[key]) for key, _ in COLUMNS]) + " |")
-    return rows, "\n".join(lines)
+@dataclass(frozen=True)
+class Row:
+    table: str
+    name: str
+    student: str
+    sampling: tuple[str, ...]  # conf/generate.yaml overrides at inference: the order and the sampler's settings
+
+    def eval_key(self, seed: int) -> str:
+        return "__".join([f"{self.student}_s{seed}", *[o.replace("sampler.", "").replace("=", "-") for o in self.sampling]])
 
 
-def segment_table(rows: list[dict]) -> str:
-    """Per 4 s segment of the 20 s videos: the oracle's fidelity, direction agreement and motion."""
-    lines = ["| method | " + " | ".join(f"{m} per segment" for m in SEGMENT_MEASURES) + " |",
-             "|" + "---|" * (len(SEGMENT_MEASURES) + 1)]
-    for r in rows:
-        cells = [" ".join(f"{v:.2f}" for v in r["segments"][m]) if r["segments"][m] else "n/a" for m in SEGMENT_MEASURES]
-        lines.append("| " + " | ".join([r["method"], *cells]) + " |")
+STEP_FIRST, BLOCK_FIRST = ("sampler=step_first",), ("sampler=block_first",)
+ROWS = [
+    Row("Table 2: context level t_c", "t_c = t_j (current)", "tc_current",
+        (*STEP_FIRST, "sampler.context_level=current")),
+    Row("Table 2: context level t_c", "t_c = t_{j+1} (HiAR)", "hiar_fkl", STEP_FIRST),
+    Row("Table 2: context level t_c", "t_c = 0 (clean)", "tc_clean", (*STEP_FIRST, "sampler.context_level=clean")),
+    Row("Table 3: forward-KL and hierarchical denoising", "fKL bidirectional, 1 step (HiAR)", "hiar_fkl", STEP_FIRST),
+    Row("Table 3: forward-KL and hierarchical denoising", "fKL causal, 1 step", "fkl_causal", STEP_FIRST),
+    Row("Table 3: forward-KL and hierarchical denoising", "fKL bidirectional, 2 steps", "fkl_2steps", STEP_FIRST),
+    Row("Table 3: forward-KL and hierarchical denoising", "w/o fKL", "hiar", STEP_FIRST),
+    Row("Table 3: forward-KL and hierarchical denoising", "SF weights sampled step-first (no retraining)",
+        "self_forcing", STEP_FIRST),
+    Row("Table 3: forward-KL and hierarchical denoising", "block-first Self-Forcing", "self_forcing", BLOCK_FIRST),
+]
+
+
+class Budget:
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+
+def student_seeds(name: str, seeds: list[int]) -> list[int]:
+    return seeds if name in MAIN_STUDENTS else seeds[:1]
+
+
+def _load_json(path: Path, default):
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train(out: Path, seeds: list[int], only: list[str] | None, common: list[str], budget: Budget) -> None:
+    """The shared ODE pairs and ODE init, then every missing or stale student (interrupted ones resume)."""
+    timings: dict[str, float] = {}
+    for stage in ("ode_pairs", "ode_init"):
+        if stale_reason(stage_config(stage, common)) is not None:
+            run(stage, ["-m", "src.train", f"experiment={stage}", *common], timings)
+    times_path = out / "student_seconds.json"
+    for name, student in STUDENTS.items():
+        if only and name not in only:
+            continue
+        for seed in student_seeds(name, seeds):
+            run_name = f"{name}_s{seed}"
+            overrides = [f"task_name={run_name}", f"seed={seed}", *student.overrides, *common,
+                         # dynamics over training: the oracle on 4 prompts x 81 frames every 80 optimizer steps
+                         "callbacks=drift", "world.training.drift_every_n_steps=80",
+                         # every checkpoint kept: the Fig. 4 probe reads them
+                         "callbacks.checkpoint.save_top_k=-1", "callbacks.checkpoint.every_n_iterations=40"]
+            reason = stale_reason(stage_config(student.experiment, overrides))
+            if reason is None:
+                continue
+            if not budget.left():
+                print(f"=== budget spent: {run_name} not started ({reason})")
+                return
+            run_dir = out / "runs" / run_name
+            last = run_dir / "checkpoints" / "last.ckpt"
+            resume = [f"ckpt_path={last}"] if last.exists() else []
+            print(f"=== {run_name}: {'resuming' if resume else 'training'} ({reason})")
+            run(run_name, ["-m", "src.train", f"experiment={student.experiment}", *overrides, *resume,
+                           f"hydra.run.dir={run_dir}"], timings)
+            times = _load_json(times_path, {})
+            times[run_name] = times.get(run_name, 0) + timings[run_name] if resume else timings[run_name]
+            atomic_write_text(times_path, json.dumps(times, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_prompts() -> list[str]:
+    from src.worlds.toy.shapes import heldout_prompts
+
+    return [p for p in heldout_prompts(EVAL_PROMPTS) for _ in range(EVAL_NOISE_SEEDS)]
+
+
+def generate_batched(pipe, prompts: list[str], num_frames: int):
+    """Videos [N, T, 3, H, W] in [-1, 1], EVAL_BATCH at a time, batch b from NoiseBank(EVAL_SEED + b)."""
+    import torch
+
+    from src.sampling.noise import NoiseBank
+    from src.sampling.schedules import sample
+
+    videos = []
+    with torch.no_grad():
+        for b, start in enumerate(range(0, len(prompts), EVAL_BATCH)):
+            cond, _ = pipe.text_encoder.encode(prompts[start : start + EVAL_BATCH])
+            latents = sample(pipe.model, cond, num_frames, pipe.latent_shape, pipe.sampler, NoiseBank(EVAL_SEED + b),
+                             order=pipe.order)
+            videos.append(pipe.codec.decode(latents).clamp(-1, 1))
+    return torch.cat(videos)
+
+
+def score(videos, prompts: list[str]) -> list[dict]:
+    from src.worlds.toy.oracle import score_video
+
+    scores = []
+    for video, prompt in zip(videos, prompts):
+        s = score_video(video, prompt, segments=5)
+        scores.append({"prompt": prompt, **{m: s[m] for m in MEASURES}, "segments": {m: s["segments"][m] for m in CURVES}})
+    return scores
+
+
+def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
+    """Every row x trained seed without a score file: generate, score, write scores/<key>.json."""
+    from src.api import HiAR
+    from src.worlds.toy.shapes import parse_prompt, render_video
+
+    prompts = evaluation_prompts()
+    scores_dir = out / "scores"
+    truth = scores_dir / "ground_truth.json"
+    if not truth.exists():
+        videos = [render_video(parse_prompt(p), EVAL_FRAMES, 16, 16, seed=i) for i, p in enumerate(prompts)]
+        atomic_write_text(truth, json.dumps({"videos": score(videos, prompts), "seconds": 0.0}))
+    done: set[str] = set()
+    for row in ROWS:
+        for seed in student_seeds(row.student, seeds):
+            key = row.eval_key(seed)
+            path = scores_dir / f"{key}.json"
+            student = out / "artifacts" / f"{row.student}_s{seed}" / "student.safetensors"
+            if key in done or path.exists() or not student.exists():
+                continue
+            if not budget.left():
+                print(f"=== budget spent: {key} not evaluated")
+                return
+            order = row.sampling[0].split("=", 1)[1]
+            pipe = HiAR.from_checkpoint(student, world="toy", sampler=order, overrides=list(row.sampling[1:]))
+            start = time.perf_counter()
+            videos = generate_batched(pipe, prompts, EVAL_FRAMES)
+            seconds = time.perf_counter() - start
+            atomic_write_text(path, json.dumps({"videos": score(videos, prompts), "seconds": round(seconds, 1),
+                                                "student": str(student), "sampling": list(row.sampling)}))
+            print(f"=== evaluated {key}: {len(prompts)} videos in {seconds:.0f} s")
+            done.add(key)
+
+
+# ----------------------------------------------------------------------------------------------- Fig. 4 probe
+
+
+def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
+    """One-step predictions (pure noise at t = 1000, all 21 frames at once, as the forward-KL term sees them) of every
+    kept checkpoint of the `hiar` students (no forward-KL), in bidirectional and in block-causal attention; their
+    dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic degree is a flow magnitude; the
+    one-step predictions are too blurry for the oracle's object tracker). Writes scores/fig4_<run>.json."""
+    import hydra
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.measures import frame_difference
+    from src.checkpoints import load_dit
+    from src.schedule import x0_from_velocity
+    from src.worlds.toy.shapes import heldout_prompts
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        world = compose("generate", overrides=["world=toy", "checkpoint=", "prompts=", "output_dir="]).world
+    text_encoder, codec = hydra.utils.instantiate(world.text_encoder), hydra.utils.instantiate(world.codec)
+    latent_shape = (world.latent.channels, world.latent.height, world.latent.width)
+    for seed in seeds:
+        run_name = f"hiar_s{seed}"
+        checkpoints = sorted((out / "runs" / run_name / "checkpoints").glob("iteration-*.ckpt"))
+        path = out / "scores" / f"fig4_{run_name}.json"
+        known = _load_json(path, {"points": []})
+        measured = {p["checkpoint"] for p in known["points"]}
+        todo = [c for c in checkpoints if c.name not in measured]
+        if not todo:
+            continue
+        cond, _ = text_encoder.encode(heldout_prompts(num_videos))
+        noise = torch.randn((num_videos, 21, *latent_shape), generator=torch.Generator().manual_seed(EVAL_SEED))
+        t = torch.full((num_videos,), 1000.0)
+        for ckpt in todo:
+            model = load_dit(ckpt, which="generator").eval()
+            point = {"checkpoint": ckpt.name, "iteration": int(ckpt.stem.split("-")[1])}
+            for mode, fpb in (("bidirectional", None), ("causal", int(world.frames_per_block))):
+                with torch.no_grad():
+                    x0 = x0_from_velocity(noise, model(noise, t, cond, frames_per_block=fpb), t)
+                pixels = (codec.decode(x0).clamp(-1, 1) + 1) / 2
+                point[mode] = float(torch.stack([frame_difference(v).mean() for v in pixels]).mean())
+            known["points"].append(point)
+        known["points"].sort(key=lambda p: p["iteration"])
+        atomic_write_text(path, json.dumps(known, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
+
+
+def row_statistics(out: Path, row: Row, seeds: list[int]) -> dict | None:
+    """Per measure: mean +- SE over training seeds (of each seed's mean over videos); with one seed, over videos."""
+    per_seed = []
+    for seed in student_seeds(row.student, seeds):
+        path = out / "scores" / f"{row.eval_key(seed)}.json"
+        if path.exists():
+            per_seed.append(json.loads(path.read_text()))
+    if not per_seed:
+        return None
+    stats = {"seeds": len(per_seed), "videos": sum(len(s["videos"]) for s in per_seed),
+             "generation_seconds": [s["seconds"] for s in per_seed]}
+    for m in MEASURES:
+        seed_means = [float(np.mean([v[m] for v in s["videos"]])) for s in per_seed]
+        stats[m] = mean_se(seed_means) if len(per_seed) > 1 else mean_se([v[m] for v in per_seed[0]["videos"]])
+    stats["segments"] = {}
+    for m in CURVES:
+        curves = np.array([np.mean([v["segments"][m] for v in s["videos"]], axis=0) for s in per_seed])
+        if len(per_seed) == 1:
+            curves = np.array([v["segments"][m] for v in per_seed[0]["videos"]])
+        stats["segments"][m] = [mean_se(list(curves[:, i])) for i in range(curves.shape[1])]
+    return stats
+
+
+def _cell(pair, one_seed: bool) -> str:
+    mean, se = pair
+    return f"{mean:.3f} ± {se:.3f}{'*' if one_seed else ''}" if not math.isnan(se) else f"{mean:.3f}"
+
+
+def training_curves(out: Path) -> dict[str, dict[str, list]]:
+    """Per student run: the generator loss and the drift callback's oracle numbers over optimizer steps."""
+    curves = {}
+    for metrics in sorted((out / "runs").glob("*/csv/**/metrics.csv")) + sorted((out / "runs").glob("*/metrics.csv")):
+        name = metrics.relative_to(out / "runs").parts[0]
+        series: dict[str, list] = {}
+        with metrics.open() as f:
+            for record in csv.DictReader(f):
+                for key in ("train/generator_loss", "train/fkl_loss", "drift/oracle_motion", "drift/oracle_fidelity"):
+                    if record.get(key):
+                        series.setdefault(key, []).append((int(record["step"]), float(record[key])))
+        curves[name] = series
+    return curves
+
+
+def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in dict.fromkeys(r.table for r in ROWS):
+        rows = {name: s for name, s in results["rows"].items() if s and s["table"] == table}
+        if not rows:
+            continue
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        for ax, m in zip(axes.flat, CURVES):
+            for name, s in [("ground truth", results["ground_truth"]), *rows.items()]:
+                mean = [p[0] for p in s["segments"][m]]
+                se = [0 if math.isnan(p[1]) else p[1] for p in s["segments"][m]]
+                ax.errorbar(np.arange(1, len(mean) + 1) * 4 - 2, mean, yerr=se, marker="o", capsize=2, label=name,
+                            linestyle="--" if name == "ground truth" else "-")
+            ax.set_title(m)
+            ax.set_xlabel("time in the 20 s video (s)")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{table}: oracle per 4 s segment (mean ± SE)")
+        fig.tight_layout()
+        name = "table2_segments.png" if table.startswith("Table 2") else "table3_segments.png"
+        fig.savefig(plots / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    if fig4:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for run_name, points in fig4.items():
+            steps = [p["iteration"] for p in points["points"]]
+            for mode in ("bidirectional", "causal"):
+                ax.plot(steps, [p[mode] for p in points["points"]], marker="o", label=f"{run_name} {mode}")
+        ax.set_xlabel("training iteration (w/o forward-KL)")
+        ax.set_ylabel("one-step dynamics (frame diff)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots / "fig4_dynamics.png", dpi=110)
+        plt.close(fig)
+        written.append("fig4_dynamics.png")
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+        for run_name, series in curves.items():
+            for ax, key in zip(axes, ("train/generator_loss", "drift/oracle_motion")):
+                if key in series:
+                    ax.plot(*zip(*series[key]), label=run_name, marker="o" if key.startswith("drift") else None)
+        for ax, key in zip(axes, ("generator loss", "oracle speed of 4 drift-callback videos (px/frame)")):
+            ax.set_title(key)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(plots / "training_curves.png", dpi=110)
+        plt.close(fig)
+        written.append("training_curves.png")
+    return written
+
+
+def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
+    """results.json, results.md and plots/ in `dest` from every score file under `out`."""
+    truth = _load_json(out / "scores" / "ground_truth.json", None)
+    results = {"seeds": seeds, "rows": {}, "student_seconds": _load_json(out / "student_seconds.json", {})}
+    if truth is not None:
+        results["ground_truth"] = {
+            **{m: mean_se([v[m] for v in truth["videos"]]) for m in MEASURES},
+            "segments": {m: [mean_se([v["segments"][m][i] for v in truth["videos"]]) for i in range(5)] for m in CURVES},
+        }
+    for row in ROWS:
+        stats = row_statistics(out, row, seeds)
+        results["rows"][row.name] = (
+            {**stats, "table": row.table, "student": row.student, "sampling": list(row.sampling)} if stats else None)
+    fig4 = {p.stem.removeprefix("fig4_"): json.loads(p.read_text()) for p in sorted((out / "scores").glob("fig4_*.json"))}
+    for points in fig4.values():
+        bi = [p["bidirectional"] for p in points["points"]]
+        causal = [p["causal"] for p in points["points"]]
+        points["pearson_r"] = float(np.corrcoef(bi, causal)[0, 1]) if len(bi) > 2 else None
+    results["fig4"] = fig4
+    curves = training_curves(out)
+    results["training_curves"] = curves
+    results["plots"] = plot(results, fig4, curves, dest / "plots") if truth is not None else []
+    atomic_write_text(dest / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(dest / "results.md", markdown(results))
+    return results
+
+
+def markdown(results: dict) -> str:
+    columns = [("fidelity", "fidelity"), ("direction_agreement", "direction"), ("object_found", "found"),
+               ("object_color_error", "colour err"), ("shape_agreement", "shape"), ("speckle", "speckle"),
+               ("motion", "speed px/frame")]
+    lines = []
+    for table in dict.fromkeys(r.table for r in ROWS):
+        lines += [f"## {table}", "", "| row | seeds | videos | " + " | ".join(t for _, t in columns)
+                  + " | fidelity, last 4 s | student |", "|" + "---|" * (len(columns) + 5)]
+        for row in [r for r in ROWS if r.table == table]:
+            s = results["rows"].get(row.name)
+            if not s:
+                lines.append(f"| {row.name} | 0 | 0 | " + " | ".join("not run" for _ in columns) + f" | | {row.student} |")
+                continue
+            one = s["seeds"] == 1
+            cells = [_cell(s[m], one) for m, _ in columns]
+            lines.append(f"| {row.name} | {s['seeds']} | {s['videos']} | " + " | ".join(cells)
+                         + f" | {_cell(s['segments']['fidelity'][-1], one)} | {row.student} |")
+        lines.append("")
+    if results.get("ground_truth"):
+        g = results["ground_truth"]
+        lines += ["Ground truth (same prompts): " + ", ".join(f"{t} {g[m][0]:.3f}" for m, t in columns), ""]
+    lines += ["\\* one training seed: the standard error is over its 64 videos, not over seeds.", ""]
+    if results["fig4"]:
+        lines += ["## Fig. 4 analogue: one-step dynamics over training without forward-KL", "",
+                  "| run | checkpoints | bidirectional first -> last | causal first -> last | Pearson r |",
+                  "|---|---|---|---|---|"]
+        for run_name, points in results["fig4"].items():
+            p = points["points"]
+            r = points["pearson_r"]
+            lines.append(f"| {run_name} | {len(p)} | {p[0]['bidirectional']:.4f} -> {p[-1]['bidirectional']:.4f} | "
+                         f"{p[0]['causal']:.4f} -> {p[-1]['causal']:.4f} | {'n/a' if r is None else f'{r:.3f}'} |")
+        lines.append("")
+    if results["student_seconds"]:
+        lines += ["## Time per student (2 CPU cores, training incl. the drift callback)", "",
+                  "| run | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in results["student_seconds"].items()] + [""]
     return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("all", "train", "evaluate", "fig4", "report"), nargs="?", default="all")
     parser.add_argument("--out", default="outputs/toy_ablation")
-    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts (one 81-frame video each)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the training stages")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the main rows")
+    parser.add_argument("--only", nargs="+", choices=list(STUDENTS), help="train only these students")
+    parser.add_argument("--budget-min", type=float, default=None, help="start no new work after this many minutes")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training stage")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
-    artifacts = out / "artifacts"
-    common = [f"paths.artifacts_dir={artifacts}", f"paths.log_dir={out / 'logs'}", *args.overrides]
-    timings: dict[str, float] = {}
-    if not any((artifacts / "ode_pairs").glob("ode-*.tar")):
-        run("ode_pairs", ["-m", "src.train", "experiment=ode_pairs", *common], timings)
-    if not (artifacts / "ode_init" / "ode_init.safetensors").exists():
-        run("ode_init", ["-m", "src.train", "experiment=ode_init", *common], timings)
-    for student in STUDENTS:
-        if not (artifacts / student / "student.safetensors").exists():
-            run(student, ["-m", "src.train", f"experiment={student}", *common], timings)
-
-    methods = ", ".join(
-        f"{name}: {{checkpoint: '{artifacts / trained / 'student.safetensors'}', overrides: ['sampler={order}']}}"
-        for name, (trained, order) in METHODS.items()
-    )
-    report_dir = out / "report"
-    if not (report_dir / "report.json").exists():
-        run("evaluate", ["-m", "evaluation.run", f"out_dir={report_dir}", f"paths.log_dir={out / 'logs'}",
-                         f"generate.methods={{{methods}}}", "generate.num_frames=81",
-                         f"reference.prompts={args.prompts}", *[o for o in args.overrides if o.startswith("world.")]],
-            timings)
-
-    report = json.loads((report_dir / "report.json").read_text())
-    rows, markdown = table(report)
-    markdown += "\n\n" + segment_table(rows)
-    previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
-    timings = {**previous.get("seconds", {}), **timings}  # a rerun that only re-tables keeps the stages' times
-    (HERE / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings, "prompts": args.prompts,
-                                                   "overrides": args.overrides}, indent=2))
-    (HERE / "results.md").write_text(markdown + "\n")
-    print(markdown)
+    common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
+    budget = Budget(args.budget_min)
+    if args.command in ("all", "train"):
+        train(out, args.seeds, args.only, common, budget)
+    if args.command in ("all", "evaluate"):
+        evaluate(out, args.seeds, budget)
+    if args.command in ("all", "fig4"):
+        fig4_probe(out, args.seeds)
+    print(markdown(report(out, args.seeds)))
 
 
 if __name__ == "__main__":

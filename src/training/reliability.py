@@ -306,7 +306,8 @@ TEACHER_SCHEMA = {"lr": (float, 0, None, True), "weight_decay": (float, 0, None,
                   "seed": (int, 0, None, False), "max_consecutive_skips": (int, 1, None, False)}
 TASK_SCHEMAS = {"DistillTask": DISTILL_SCHEMA, "OdeInitTask": ODE_INIT_SCHEMA, "OdePairsTask": ODE_PAIRS_SCHEMA,
                 "TeacherTask": TEACHER_SCHEMA}
-TASK_FILE_KEYS = {"generator_init": "model", "world.teacher_checkpoint": "model", "world.critic_init": "model"}
+TASK_FILE_KEYS = {"generator_init": "model", "world.teacher_checkpoint": "model", "world.critic_init": "model",
+                  "init_weights": "model"}
 
 
 def _get(node: dict, dotted: str):
@@ -351,7 +352,7 @@ def validate_config(cfg: dict) -> None:
             check_writable(folder, key)
     for key in TASK_FILE_KEYS:
         path = _get(task, key)
-        if path and name in ("DistillTask", "OdeInitTask", "OdePairsTask"):
+        if path and name in ("DistillTask", "OdeInitTask", "OdePairsTask", "TeacherTask"):
             if key == "generator_init" and not Path(path).exists():
                 raise InputError(f"task.generator_init: file not found: {path} (run the ode_init stage first, or set "
                                  "task.generator_init=null to start from the base weights)")

@@ -61,6 +61,7 @@ class TeacherTask(L.LightningModule):
         clip_frames: list[int] | None = None,
         max_consecutive_skips: int = 3,
         seed: int = 0,
+        init_weights: str | None = None,
     ):
         super().__init__()
         model, text_encoder, codec = plain(model), plain(text_encoder), plain(codec)
@@ -72,9 +73,11 @@ class TeacherTask(L.LightningModule):
              "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
              "timestep_shift": timestep_shift,
              "clip_frames": list(clip_frames) if clip_frames else None,
-             "max_consecutive_skips": max_consecutive_skips, "seed": seed}
+             "max_consecutive_skips": max_consecutive_skips, "seed": seed, "init_weights": init_weights}
         )
         self.model = WanDiT(model_config(model))
+        if init_weights:  # continue from an earlier teacher (e.g. one from an earlier version of the world)
+            self.model.load_state_dict(load_dit(init_weights, config=self.model.cfg).state_dict())
         self.text_encoder = hydra.utils.instantiate(text_encoder)
         self.codec = hydra.utils.instantiate(codec)
         self.guard = NonFiniteGuard(self, max_consecutive_skips)

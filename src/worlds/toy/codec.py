@@ -3,7 +3,8 @@
 pixels [B, T, 3, H, W] in [-1, 1] -> latents [B, T, 3 * f * f, H / f, W / f]; no temporal compression. Latent channel
 c * f * f + k holds colour c at sub-pixel k (torch's pixel_unshuffle order). The constants are the per-colour mean and
 standard deviation of the toy world's training videos (2,000 clips of 21 frames at 16x16, measured once:
-mean -0.635 / -0.517 / -0.512, std 0.586 / 0.533 / 0.541), rounded; they make latents roughly zero-mean unit-variance.
+mean -0.635 / -0.517 / -0.512, std 0.586 / 0.533 / 0.541; the same to 3 decimals in the wrap-around world),
+rounded; they make latents roughly zero-mean unit-variance.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
-"""Procedural text-to-video data: one soft-edged shape bouncing on a flat background, and its plain-English prompt.
+"""Procedural text-to-video data: one soft-edged shape moving on a flat background, and its plain-English prompt.
 
 Attributes are what the prompt says: {"shape", "color", "background", "direction"}. The seed passed to
-`render_video` picks what it does not say (start position, speed). The object starts near the wall behind its direction
-of motion, slow enough that its first FIRST_LEG_FRAMES frames (the 5 s protocol) move the prompted way without a
-bounce; walls reflect it afterwards, so long videos keep moving. A clip of the 5 s protocol therefore shows one motion
-per prompt: the Wan DiT has only relative (RoPE) positions, so it can learn "right means every step goes right" but
-hardly "right until an invisible wall" (a teacher trained on bouncing 21-frame clips ignored the direction word).
-Pixels are [T, 3, H, W] in [-1, 1].
+`render_video` picks what it does not say (start position, speed).
+
+The world is *stationary*, as real video is: the frame is a torus (an object leaving one edge re-enters at the
+opposite one, so a left-moving object keeps moving left forever), the velocity is constant, and the start is uniform
+over the frame. Every window of a long video is then distributed like a training clip: frames 60-80 of a 20 s video
+are as likely as frames 0-20, so a model trained on 5 s clips has seen everything a long rollout should show, and
+quality lost over a long video is drift, not a world the model never saw. (The Wan DiT has only relative RoPE
+positions, but the wrap is within its reach: offset +W-1 exists only from the first column.)
+
+Time base: like Wan's latent timeline, 4 frames per second plus the first (`num_frames(seconds)`): 21 frames = 5 s,
+81 frames = 20 s. Pixels are [T, 3, H, W] in [-1, 1].
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ ATTRIBUTE_VALUES = {"shape": SHAPES, "color": OBJECT_COLORS, "background": BACKG
 
 REFERENCE_SIZE = 16  # radius and speed below are in pixels of a 16 x 16 frame and scale with the frame
 RADIUS = 3.0  # every shape has the area of a circle of this radius
-SPEED_RANGE = (0.3, 0.5)  # pixels per frame; the top is lowered per shape so the first leg fits
-FIRST_LEG_FRAMES = 21  # frames from the start that never bounce
+SPEED_RANGE = (0.3, 0.5)  # pixels per frame: 32-53 frames (8-13 s) per lap of a 16-pixel frame
+FPS = 4  # frames per second (Wan's latent frame rate: 16 fps pixels, 4x temporal compression)
+WORLD = "torus"  # edges wrap around (before 2026-12: walls that reflect; shards record which)
 SUPERSAMPLING = 4  # coverage samples per pixel side (anti-aliased edges)
 NUM_HELDOUT = 48
 HELDOUT_SEED = 20240601
@@ -62,9 +68,16 @@ WORDS = sorted(
 
 def generator_fingerprint() -> str:
     """A short hash of every constant that shapes a rendered video: shards record it, readers check it."""
-    constants = [SHAPES, OBJECT_COLORS, BACKGROUND_COLORS, DIRECTIONS, REFERENCE_SIZE, RADIUS, SPEED_RANGE,
-                 FIRST_LEG_FRAMES, SUPERSAMPLING]
+    constants = [WORLD, SHAPES, OBJECT_COLORS, BACKGROUND_COLORS, DIRECTIONS, REFERENCE_SIZE, RADIUS, SPEED_RANGE,
+                 SUPERSAMPLING]
     return hashlib.sha256(json.dumps(constants, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def num_frames(seconds: float) -> int:
+    """Frames of a video that lasts `seconds` (the first frame at t=0, then FPS per second): 5 s -> 21, 20 s -> 81."""
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    return round(seconds * FPS) + 1
 
 
 def to_signed(rgb) -> torch.Tensor:
@@ -166,35 +179,36 @@ def _inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> to
     return (dy <= circumradius / 2) & (dx.abs() * math.sqrt(3) <= dy + circumradius)
 
 
-def _reflect(position: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Unfold a straight path into [low, high] by mirror reflections (a triangle wave)."""
-    span = high - low
-    u = np.mod(position - low, 2 * span)
-    return low + np.where(u <= span, u, 2 * span - u)
+def wrapped(delta, period):
+    """The shortest signed difference on a circle of length `period` (numpy arrays or tensors): in [-period/2, period/2)."""
+    return (delta + period / 2) % period - period / 2
 
 
 def trajectory(attrs: dict, num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """Centroid (x, y) per frame [T, 2] in pixel units (pixel j covers [j, j + 1])."""
+    """Centroid (x, y) per frame [T, 2] in pixel units, in [0, W) x [0, H) (pixel j covers [j, j + 1])."""
     validate_attributes(attrs)
     scale = min(height, width) / REFERENCE_SIZE
     left, right, up, down = shape_extents(attrs["shape"], RADIUS * scale)
-    if left + right >= width or up + down >= height:
+    if max(left, right) >= width / 2 or max(up, down) >= height / 2:
         raise ValueError(f"a {height}x{width} frame is too small for the shapes")
     rng = np.random.default_rng(seed)
-    lows, highs = np.array([left, up]), np.array([width - right, height - down])
-    axis = 0 if DIRECTIONS[attrs["direction"]][0] != 0 else 1
-    span = highs[axis] - lows[axis]
-    top_speed = min(SPEED_RANGE[1] * scale, span / (FIRST_LEG_FRAMES - 1))
-    speed = rng.uniform(SPEED_RANGE[0] * scale, top_speed)
+    speed = rng.uniform(SPEED_RANGE[0] * scale, SPEED_RANGE[1] * scale)
     velocity = np.array(DIRECTIONS[attrs["direction"]], dtype=np.float64) * speed
-    start = rng.uniform(lows, highs)
-    slack = span - (FIRST_LEG_FRAMES - 1) * speed  # room to start in without reaching the far wall in the first leg
-    if velocity[axis] > 0:
-        start[axis] = lows[axis] + rng.uniform(0, slack)
-    else:
-        start[axis] = highs[axis] - rng.uniform(0, slack)
+    start = rng.uniform((0, 0), (width, height))
     straight = start[None, :] + np.arange(num_frames)[:, None] * velocity[None, :]
-    return np.stack([_reflect(straight[:, i], lows[i], highs[i]) for i in range(2)], axis=1)
+    return np.mod(straight, (width, height))
+
+
+def coverage(shape: str, centers: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The fraction of each pixel the shape covers [T, H, W], centred at centers [T, 2] (x, y) on the torus."""
+    radius = RADIUS * min(height, width) / REFERENCE_SIZE
+    s = SUPERSAMPLING
+    ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
+    xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
+    dx = wrapped(xs[None, None, :] - centers[:, 0, None, None], width)  # the torus: the nearest copy of the centre
+    dy = wrapped(ys[None, :, None] - centers[:, 1, None, None], height)
+    inside = _inside(shape, dx, dy, radius).float()  # [T, H*s, W*s]
+    return torch.nn.functional.avg_pool2d(inside[:, None], s)[:, 0]
 
 
 def render_video(attrs: dict, num_frames: int, height: int = 16, width: int = 16, seed: int = 0) -> torch.Tensor:
@@ -202,14 +216,7 @@ def render_video(attrs: dict, num_frames: int, height: int = 16, width: int = 16
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     centers = torch.from_numpy(trajectory(attrs, num_frames, height, width, seed)).float()
-    radius = RADIUS * min(height, width) / REFERENCE_SIZE
-    s = SUPERSAMPLING
-    ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
-    xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
-    dx = xs[None, None, :] - centers[:, 0, None, None]
-    dy = ys[None, :, None] - centers[:, 1, None, None]
-    inside = _inside(attrs["shape"], dx, dy, radius).float()  # [T, H*s, W*s]
-    coverage = torch.nn.functional.avg_pool2d(inside[:, None], s)  # [T, 1, H, W]
+    covered = coverage(attrs["shape"], centers, height, width)[:, None]  # [T, 1, H, W]
     obj = to_signed(OBJECT_COLORS[attrs["color"]])[None, :, None, None]
     bg = to_signed(BACKGROUND_COLORS[attrs["background"]])[None, :, None, None]
-    return bg + coverage * (obj - bg)
+    return bg + covered * (obj - bg)
