@@ -295,16 +295,14 @@ def _cell(pair, one_seed: bool) -> str:
 
 def training_curves(out: Path) -> dict[str, dict[str, list]]:
     """Per student run: the generator loss and the drift callback's oracle numbers over optimizer steps."""
-    curves = {}
-    for metrics in sorted((out / "runs").glob("*/csv/**/metrics.csv")) + sorted((out / "runs").glob("*/metrics.csv")):
-        name = metrics.relative_to(out / "runs").parts[0]
-        series: dict[str, list] = {}
+    curves: dict[str, dict[str, list]] = {}
+    for metrics in sorted((out / "runs").glob("*/csv/version_*/metrics.csv")):  # a resumed run adds a version
+        series = curves.setdefault(metrics.relative_to(out / "runs").parts[0], {})
         with metrics.open() as f:
             for record in csv.DictReader(f):
-                for key in ("train/generator_loss", "train/fkl_loss", "drift/oracle_motion", "drift/oracle_fidelity"):
+                for key in ("train/dmd", "train/fkl", "train/critic", "drift/oracle_motion", "drift/oracle_fidelity"):
                     if record.get(key):
                         series.setdefault(key, []).append((int(record["step"]), float(record[key])))
-        curves[name] = series
     return curves
 
 
@@ -354,10 +352,10 @@ def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
         for run_name, series in curves.items():
-            for ax, key in zip(axes, ("train/generator_loss", "drift/oracle_motion")):
+            for ax, key in zip(axes, ("train/dmd", "drift/oracle_motion")):
                 if key in series:
                     ax.plot(*zip(*series[key]), label=run_name, marker="o" if key.startswith("drift") else None)
-        for ax, key in zip(axes, ("generator loss", "oracle speed of 4 drift-callback videos (px/frame)")):
+        for ax, key in zip(axes, ("DMD loss (generator)", "oracle speed of 4 drift-callback videos (px/frame)")):
             ax.set_title(key)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
