@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # overrides given on the command line come later and win.
 STAGES = ["ode_pairs", "ode_init", "hiar_fkl"]
 DEMO_SIZES = ["world.training.num_ode_pairs=64", "world.training.ode_init_steps=200",
-              "world.training.distill_steps=180"]
+              "world.training.distill_steps=156"]
 
 
 def run(stage: str, args: list[str], timings: dict) -> None:

@@ -238,7 +238,7 @@ def test_eval_entry_point_writes_report(monkeypatch, tmp_path):
     for method, level in [("fading", torch.linspace(1.0, 0.4, 20)), ("steady", torch.full((20,), 0.8))]:
         frames = torch.stack([torch.tensor([v, 0.1, 0.1]).view(3, 1, 1).expand(3, 8, 8) for v in level]) * 2 - 1
         write_video(videos / method / f"{prompt}-0.mp4", frames, fps=8)
-    cfg = eval_config(tmp_path, f"videos_dir={videos}", "reference.prompts=1", "reference.duration_s=2")
+    cfg = eval_config(tmp_path, f"videos_dir={videos}", "reference.prompts=1", "reference.duration_s=5")
     paths = evaluate(cfg)
     report = json.loads(paths["json"].read_text())
     assert list(report["methods"]) == ["fading", "steady", "ground_truth"]

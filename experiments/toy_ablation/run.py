@@ -107,17 +107,20 @@ def _load_json(path: Path, default):
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train(out: Path, seeds: list[int], only: list[str] | None, common: list[str], budget: Budget) -> None:
-    """The shared ODE pairs and ODE init, then every missing or stale student (interrupted ones resume)."""
+def train(out: Path, seeds: list[int], only: list[str] | None, common: list[str], budget: Budget,
+          after_each=None) -> None:
+    """The shared ODE pairs and ODE init, then every missing or stale student, seed by seed (all rows get a first seed
+    before any gets a second); an interrupted student resumes from its last checkpoint. after_each() runs after every
+    student (the `all` command evaluates it at once)."""
     timings: dict[str, float] = {}
     for stage in ("ode_pairs", "ode_init"):
         if stale_reason(stage_config(stage, common)) is not None:
             run(stage, ["-m", "src.train", f"experiment={stage}", *common], timings)
     times_path = out / "student_seconds.json"
-    for name, student in STUDENTS.items():
-        if only and name not in only:
-            continue
-        for seed in student_seeds(name, seeds):
+    for seed in seeds:
+        for name, student in STUDENTS.items():
+            if (only and name not in only) or seed not in student_seeds(name, seeds):
+                continue
             run_name = f"{name}_s{seed}"
             overrides = [f"task_name={run_name}", f"seed={seed}", *student.overrides, *common,
                          # dynamics over training: the oracle on 4 prompts x 81 frames every 80 optimizer steps
@@ -139,6 +142,8 @@ def train(out: Path, seeds: list[int], only: list[str] | None, common: list[str]
             times = _load_json(times_path, {})
             times[run_name] = times.get(run_name, 0) + timings[run_name] if resume else timings[run_name]
             atomic_write_text(times_path, json.dumps(times, indent=1))
+            if after_each is not None:
+                after_each()
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -446,7 +451,8 @@ def main(argv=None):
     common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
     budget = Budget(args.budget_min)
     if args.command in ("all", "train"):
-        train(out, args.seeds, args.only, common, budget)
+        after_each = (lambda: evaluate(out, args.seeds, Budget(None))) if args.command == "all" else None
+        train(out, args.seeds, args.only, common, budget, after_each)
     if args.command in ("all", "evaluate"):
         evaluate(out, args.seeds, budget)
     if args.command in ("all", "fig4"):
