@@ -219,10 +219,11 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
 
 
 def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
-    """One-step predictions (pure noise at t = 1000, all 21 frames at once, as the forward-KL term sees them) of every
-    kept checkpoint of the `hiar` students (no forward-KL), in bidirectional and in block-causal attention; their
-    dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic degree is a flow magnitude; the
-    one-step predictions are too blurry for the oracle's object tracker). Writes scores/fig4_<run>.json."""
+    """One-step predictions (pure noise at t = 1000, all 21 frames at once, as the forward-KL term sees them) of the
+    ODE init and every kept checkpoint of the `hiar` students (no forward-KL), in bidirectional and in block-causal
+    attention; their dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic degree is a flow
+    magnitude; the one-step predictions are too blurry for the oracle's object tracker). Writes
+    scores/fig4_<run>.json."""
     import hydra
     import torch
     from hydra import compose, initialize_config_dir
@@ -238,7 +239,12 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
     latent_shape = (world.latent.channels, world.latent.height, world.latent.width)
     for seed in seeds:
         run_name = f"hiar_s{seed}"
-        checkpoints = sorted((out / "runs" / run_name / "checkpoints").glob("iteration-*.ckpt"))
+        kept = sorted((out / "runs" / run_name / "checkpoints").glob("iteration-*.ckpt"))
+        if not kept:
+            continue
+        # iteration 0: the ODE init every student starts from
+        checkpoints = {out / "artifacts" / "ode_init" / "ode_init.safetensors": 0}
+        checkpoints.update({c: int(c.stem.split("-")[1]) for c in kept})
         path = out / "scores" / f"fig4_{run_name}.json"
         known = _load_json(path, {"points": []})
         measured = {p["checkpoint"] for p in known["points"]}
@@ -249,8 +255,8 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
         noise = torch.randn((num_videos, 21, *latent_shape), generator=torch.Generator().manual_seed(EVAL_SEED))
         t = torch.full((num_videos,), 1000.0)
         for ckpt in todo:
-            model = load_dit(ckpt, which="generator").eval()
-            point = {"checkpoint": ckpt.name, "iteration": int(ckpt.stem.split("-")[1])}
+            model = load_dit(ckpt, which="generator" if ckpt.suffix == ".ckpt" else "auto").eval()
+            point = {"checkpoint": ckpt.name, "iteration": checkpoints[ckpt]}
             for mode, fpb in (("bidirectional", None), ("causal", int(world.frames_per_block))):
                 with torch.no_grad():
                     x0 = x0_from_velocity(noise, model(noise, t, cond, frames_per_block=fpb), t)
@@ -446,7 +452,7 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=list(STUDENTS), help="train only these students")
     parser.add_argument("--budget-min", type=float, default=None, help="start no new work after this many minutes")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training stage")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     out = (ROOT / args.out).resolve()
     common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
     budget = Budget(args.budget_min)
