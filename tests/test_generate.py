@@ -46,7 +46,7 @@ def test_generate_writes_videos_and_settings(tmp_path, checkpoint):
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
     assert settings["sampler"]["order"] == "block_first"
     assert settings["sampler"]["timesteps"] == pytest.approx([1000.0, 2500 / 3])  # 500 warped at shift 5
-    assert settings["fps"] == 16 and [v["seed"] for v in settings["videos"]] == [0, 1]
+    assert settings["fps"] == 4 and [v["seed"] for v in settings["videos"]] == [0, 1]
     assert settings["videos"][1]["prompt"] == "a blue square moving up"
 
 

@@ -68,7 +68,7 @@ def test_readme_training_commands_run(project):
                  *(PAIRS if "ode_pairs" in command else [])]
         if "teacher_toy" in command:
             extra = [*tiny, "data.source=procedural", "data.num_frames=6", "data.batch_size=2", "task.clip_frames=null",
-                     "data.warmup_batches=0", "data.warmup_frames=null"]
+                     "data.warmup_batches=0", "data.warmup_frames=null", "task.init_weights=null"]
         if "debug=" not in command:
             extra.append("debug=fdr")
         return cli([*args, *extra], root, root, wait=False)

@@ -75,7 +75,7 @@ def test_chain_sweep_concurrency_and_publishing(project):
     shards = root / "artifacts/toy/ode_pairs"
     assert sorted(p.name for p in shards.glob("ode-*.tar")) == ["ode-000000.tar", "ode-000001.tar"]
     pairs = json.loads((shards / "provenance.json").read_text())
-    assert pairs["settings"]["guidance"] == 6.0 and pairs["settings"]["num_frames"] == 9
+    assert pairs["settings"]["guidance"] == 4.0 and pairs["settings"]["num_frames"] == 9
     assert json.loads((shards / "published.json").read_text())["run_dir"] == pairs["run_dir"]
 
     # two ode_init runs at once: separate run folders, each with its complete export; one of them is published
@@ -117,7 +117,7 @@ def test_chain_sweep_concurrency_and_publishing(project):
     code, _, err = cli(["-m", "src.train", "experiment=hiar_fkl", *tiny, *STUDENT, "ode_pairs.guidance=3.0"], root,
                        elsewhere, check=False)
     assert code != 0
-    assert "ode_pairs.guidance: made with 6.0, this run expects 3.0" in err
+    assert "ode_pairs.guidance: made with 4.0, this run expects 3.0" in err
     assert "python -m src.train experiment=ode_pairs ode_pairs.guidance=3.0" in err
 
     # re-running ode_pairs with it replaces the shards, and then the ODE init made from the old ones is refused
@@ -203,7 +203,7 @@ def test_stale_reason_follows_settings_and_upstream(tmp_path):
     assert stale("hiar_fkl", "fkl.weight=0.2") == "fkl: {\"attention\":\"bidirectional\",\"num_steps\":1," \
         "\"weight\":0.1} -> {\"attention\":\"bidirectional\",\"num_steps\":1,\"weight\":0.2}"
     assert stale("ode_init", "world.training.ode_init_steps=7") == "trainer.max_steps: 300 -> 7"
-    assert stale("ode_pairs", "ode_pairs.guidance=3.0") == "task.guidance: 6.0 -> 3.0"
+    assert stale("ode_pairs", "ode_pairs.guidance=3.0") == "task.guidance: 4.0 -> 3.0"
     build("ode_pairs", "ode_pairs.guidance=3.0")
     assert stale("ode_init", "ode_pairs.guidance=3.0") == "ode_pairs was rebuilt"
     assert stale("hiar_fkl", "ode_pairs.guidance=3.0") == "ode_pairs was rebuilt"
