@@ -25,7 +25,7 @@ demo: setup
 	$(PY) -m src.demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 lint: setup
 	$(PY) -m ruff check src callbacks evaluation tests

@@ -12,7 +12,7 @@ from src.checkpoints import CheckpointError
 from src.sampling.ode import sample_ode, sample_videos
 from src.schedule import euler_grid
 from src.train import train
-from src.training.teacher import TeacherTask, export_teacher, load_teacher, save_teacher
+from src.training.teacher import TeacherTask, export_teacher, load_teacher, lr_factor, save_teacher
 from src.worlds.toy.data import ToyVideoDataModule
 from src.worlds.toy.shapes import prompt_from_attributes, render_video
 
@@ -136,3 +136,21 @@ def test_training_can_start_from_an_earlier_teacher(tmp_path):
     with pytest.raises(CheckpointError, match="earlier.safetensors"):  # another architecture: named, before training
         TeacherTask(model={**TINY_MODEL, "dim": 64, "ffn_dim": 128}, text_encoder=TEXT, codec=CODEC,
                     init_weights=str(tmp_path / "earlier.safetensors"))
+
+
+def test_lr_warms_up_then_stays_or_follows_a_cosine():
+    constant = [lr_factor(s, warmup_steps=4, total_steps=None, min_lr_ratio=1.0) for s in range(10)]
+    assert constant == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, warmup_steps=2, total_steps=6, min_lr_ratio=0.1) for s in range(8)]
+    assert cosine[:3] == [0.5, 1.0, 1.0]
+    assert cosine[4] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert cosine[6] == pytest.approx(0.1) and cosine[7] == pytest.approx(0.1)  # floor at and after max_steps
+    assert all(a >= b for a, b in zip(cosine[1:], cosine[2:]))
+
+
+def test_teacher_anneal_experiment_continues_v2_with_a_cosine():
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name="train", overrides=["experiment=teacher_toy_anneal"])
+    assert cfg.task.init_weights.endswith("assets/toy_teacher_v2.safetensors")
+    assert Path(cfg.task.init_weights).exists() and cfg.task.min_lr_ratio < 1 and cfg.trainer.max_steps == 2000
+    assert cfg.task.timestep_shift == 8.0 and cfg.seed != 0  # the first stage's noise levels, fresh draws

@@ -27,9 +27,13 @@ def test_each_student_trains_with_its_settings(name):
                 "tc_current": ("step_first", "current", 0.1, "bidirectional", 1),
                 "tc_clean": ("step_first", "clean", 0.1, "bidirectional", 1),
                 "fkl_causal": ("step_first", "next", 0.1, "causal", 1),
-                "fkl_2steps": ("step_first", "next", 0.1, "bidirectional", 2)}[name]
+                "fkl_2steps": ("step_first", "next", 0.1, "bidirectional", 2),
+                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1),
+                "hiar_fkl_long": ("step_first", "next", 0.1, "bidirectional", 1)}[name]
     got = (cfg.sampler.order, cfg.sampler.context_level, cfg.fkl.weight, cfg.fkl.attention, cfg.fkl.num_steps)
     assert got == expected and cfg.task_name == f"{name}_s0"
+    long = name.endswith("_long")
+    assert cfg.trainer.max_steps == (ablation.LONG_STEPS if long else cfg.world.training.distill_steps)
 
 
 @pytest.mark.parametrize("row", ablation.ROWS, ids=lambda r: r.name)
@@ -61,8 +65,15 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
     (scores / "fig4_hiar_s0.json").write_text(json.dumps({"points": [
         {"checkpoint": f"iteration-{i:06d}.ckpt", "iteration": i, "bidirectional": b, "causal": c}
         for i, b, c in [(40, 0.3, 0.25), (80, 0.2, 0.18), (120, 0.1, 0.11)]]}))
+    boundary = {"direction_within": 1.0, "direction_across": 0.5, "step_px_within": 0.4, "step_px_across": None}
+    (scores / "boundaries_tc.json").write_text(json.dumps({"row": "t_c = t_j (current)", "frames_per_block": 3,
+                                                           "videos": [boundary, {**boundary, "direction_across": 0.0,
+                                                                                 "step_px_across": 1.0}]}))
 
     results = ablation.report(out, [0, 1, 2], dest=tmp_path / "dest")
+    boundaries = results["block_boundaries"]["t_c = t_j (current)"]
+    assert boundaries["direction_across"][0] == pytest.approx(0.25)  # mean over videos
+    assert boundaries["step_px_across"][0] == 1.0 and boundaries["step_px_across"][1] is None  # one video
     row = results["rows"][hiar_fkl.name]
     assert row["seeds"] == 3 and row["videos"] == 6
     assert row["fidelity"][0] == pytest.approx(0.5) and row["fidelity"][1] == pytest.approx(0.5 / math.sqrt(3))
@@ -75,3 +86,19 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
     assert "0.500 ± 0.289 |" in md and "0.250 ± 0.250* |" in md and "not run" in md
     assert {"table2_segments.png", "table3_segments.png", "fig4_dynamics.png"} <= set(results["plots"])
     assert all((tmp_path / "dest" / "plots" / name).stat().st_size > 0 for name in results["plots"])
+
+
+def test_block_boundary_measures_split_motion_inside_and_across_blocks():
+    import torch
+
+    from src.worlds.toy.shapes import parse_prompt, render_video
+
+    prompt = "a red square moving right on a black background"
+    video = render_video(parse_prompt(prompt), 21, seed=3)
+    truth = ablation.boundary_measures(video, prompt, frames_per_block=3)
+    assert truth["direction_within"] == 1.0 and truth["direction_across"] == 1.0
+    # each new block starts 2 px back (to the left) of where the last one ended: the within-block motion is intact
+    jumping = torch.stack([torch.roll(frame, -2 * (k // 3), dims=-1) for k, frame in enumerate(video)])
+    jumps = ablation.boundary_measures(jumping, prompt, frames_per_block=3)
+    assert jumps["direction_within"] == 1.0 and jumps["direction_across"] == 0.0
+    assert jumps["step_px_across"] == pytest.approx(2 - truth["step_px_across"], abs=0.05)

@@ -36,11 +36,17 @@ from src.demo import run, stage_config  # noqa: E402  (one stage runner for the 
 from src.io import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# the teacher the study distils from (its ODE pairs, DMD target and critic init): v2, the shipped teacher when the study
+# began (5 s fidelity 0.86); v3 (assets/toy_teacher.safetensors, 0.92) came later. world.teacher_checkpoint=... overrides.
+STUDY_TEACHER = ROOT / "assets" / "toy_teacher_v2.safetensors"
 EVAL_PROMPTS, EVAL_NOISE_SEEDS, EVAL_FRAMES, EVAL_BATCH = 32, 2, 81, 16
 EVAL_SEED = 1000  # batch b of an evaluation draws its noise from NoiseBank(EVAL_SEED + b)
 MEASURES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "shape_agreement", "speckle",
             "motion", "smoothness")
 CURVES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "speckle", "motion")
+
+
+LONG_STEPS = 720  # optimizer steps = 600 iterations at gen_update_ratio 5
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ STUDENTS = {
     "tc_clean": Student("hiar_fkl", ("sampler.context_level=clean",)),
     "fkl_causal": Student("hiar_fkl", ("fkl=causal",)),
     "fkl_2steps": Student("hiar_fkl", ("fkl.num_steps=2",)),
+    # the forward-KL question at 4x the training (the study's default is 180 optimizer steps = 150 iterations)
+    "hiar_long": Student("hiar", (f"trainer.max_steps={LONG_STEPS}",)),
+    "hiar_fkl_long": Student("hiar_fkl", (f"trainer.max_steps={LONG_STEPS}",)),
 }
 MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl")  # trained with every seed in --seeds; the others with the first
 
@@ -85,6 +94,8 @@ ROWS = [
     Row("Table 3: forward-KL and hierarchical denoising", "SF weights sampled step-first (no retraining)",
         "self_forcing", STEP_FIRST),
     Row("Table 3: forward-KL and hierarchical denoising", "block-first Self-Forcing", "self_forcing", BLOCK_FIRST),
+    Row("Forward-KL at 600 iterations", "w/o fKL, 600 iterations", "hiar_long", STEP_FIRST),
+    Row("Forward-KL at 600 iterations", "fKL bidirectional, 1 step, 600 iterations", "hiar_fkl_long", STEP_FIRST),
 ]
 
 
@@ -220,7 +231,7 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
 
 def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
     """One-step predictions (pure noise at t = 1000, all 21 frames at once, as the forward-KL term sees them) of the
-    ODE init and every kept checkpoint of the `hiar` students (no forward-KL), in bidirectional and in block-causal
+    ODE init and every kept checkpoint of the `hiar` and `hiar_long` students (no forward-KL), in bidirectional and in block-causal
     attention; their dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic degree is a flow
     magnitude; the one-step predictions are too blurry for the oracle's object tracker). Writes
     scores/fig4_<run>.json."""
@@ -237,8 +248,7 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
         world = compose("generate", overrides=["world=toy", "checkpoint=", "prompts=", "output_dir="]).world
     text_encoder, codec = hydra.utils.instantiate(world.text_encoder), hydra.utils.instantiate(world.codec)
     latent_shape = (world.latent.channels, world.latent.height, world.latent.width)
-    for seed in seeds:
-        run_name = f"hiar_s{seed}"
+    for run_name in [f"hiar_s{seed}" for seed in seeds] + [f"hiar_long_s{seeds[0]}"]:
         kept = sorted((out / "runs" / run_name / "checkpoints").glob("iteration-*.ckpt"))
         if not kept:
             continue
@@ -267,12 +277,58 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
         atomic_write_text(path, json.dumps(known, indent=1))
 
 
+# ----------------------------------------------------------------------------------------------- block boundaries
+
+
+BOUNDARY_ROWS = ("t_c = t_j (current)", "t_c = t_{j+1} (HiAR)", "t_c = 0 (clean)", "block-first Self-Forcing")
+
+
+def boundary_measures(video, prompt: str, frames_per_block: int) -> dict:
+    """The oracle's per-step direction agreement and displacement, split into steps inside a block and steps from a
+    block's last frame to the next block's first (where the context level decides what the new block knows)."""
+    from src.worlds.toy.oracle import analyse_frames, step_measures
+    from src.worlds.toy.shapes import parse_prompt
+
+    attrs = parse_prompt(prompt)
+    steps = step_measures(analyse_frames(video, attrs), attrs)
+    across = (np.arange(len(steps["agree"])) + 1) % frames_per_block == 0
+    out = {}
+    for name, mask in (("within", ~across), ("across", across)):
+        moved = steps["displacement"][mask]
+        moved = moved[~np.isnan(moved)]
+        out[f"direction_{name}"] = float(steps["agree"][mask].mean())
+        out[f"step_px_{name}"] = float(moved.mean()) if len(moved) else None  # None: the object was never found
+    return out
+
+
+def boundary_probe(out: Path, seeds: list[int]) -> None:
+    """For the context-level rows (first seed): regenerate their evaluation videos (the same noise, so the same
+    videos) and measure motion inside blocks vs across block boundaries -> scores/boundaries_<key>.json."""
+    from src.api import HiAR
+
+    prompts = evaluation_prompts()
+    for row in [r for r in ROWS if r.name in BOUNDARY_ROWS]:
+        key = row.eval_key(seeds[0])
+        path = out / "scores" / f"boundaries_{key}.json"
+        student = out / "artifacts" / f"{row.student}_s{seeds[0]}" / "student.safetensors"
+        if path.exists() or not student.exists():
+            continue
+        pipe = HiAR.from_checkpoint(student, world="toy", sampler=row.sampling[0].split("=", 1)[1],
+                                    overrides=list(row.sampling[1:]))
+        fpb = pipe.sampler.frames_per_block
+        videos = generate_batched(pipe, prompts, EVAL_FRAMES)
+        per_video = [boundary_measures(v, p, fpb) for v, p in zip(videos, prompts)]
+        atomic_write_text(path, json.dumps({"row": row.name, "frames_per_block": fpb, "videos": per_video}))
+        print(f"=== block boundaries of {key}")
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None from a single value: results.json holds no NaN)."""
     values = np.asarray(values, dtype=np.float64)
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
     return float(values.mean()), se
 
 
@@ -301,7 +357,7 @@ def row_statistics(out: Path, row: Row, seeds: list[int]) -> dict | None:
 
 def _cell(pair, one_seed: bool) -> str:
     mean, se = pair
-    return f"{mean:.3f} ± {se:.3f}{'*' if one_seed else ''}" if not math.isnan(se) else f"{mean:.3f}"
+    return f"{mean:.3f} ± {se:.3f}{'*' if one_seed else ''}" if se is not None else f"{mean:.3f}"
 
 
 def training_curves(out: Path) -> dict[str, dict[str, list]]:
@@ -312,7 +368,7 @@ def training_curves(out: Path) -> dict[str, dict[str, list]]:
         with metrics.open() as f:
             for record in csv.DictReader(f):
                 for key in ("train/dmd", "train/fkl", "train/critic", "drift/oracle_motion", "drift/oracle_fidelity"):
-                    if record.get(key):
+                    if record.get(key) and math.isfinite(float(record[key])):  # a skipped non-finite step: no point
                         series.setdefault(key, []).append((int(record["step"]), float(record[key])))
     return curves
 
@@ -333,7 +389,7 @@ def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
         for ax, m in zip(axes.flat, CURVES):
             for name, s in [("ground truth", results["ground_truth"]), *rows.items()]:
                 mean = [p[0] for p in s["segments"][m]]
-                se = [0 if math.isnan(p[1]) else p[1] for p in s["segments"][m]]
+                se = [p[1] or 0 for p in s["segments"][m]]
                 ax.errorbar(np.arange(1, len(mean) + 1) * 4 - 2, mean, yerr=se, marker="o", capsize=2, label=name,
                             linestyle="--" if name == "ground truth" else "-")
             ax.set_title(m)
@@ -342,7 +398,7 @@ def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{table}: oracle per 4 s segment (mean ± SE)")
         fig.tight_layout()
-        name = "table2_segments.png" if table.startswith("Table 2") else "table3_segments.png"
+        name = {"Table 2": "table2_segments.png", "Table 3": "table3_segments.png"}.get(table[:7], "long_segments.png")
         fig.savefig(plots / name, dpi=110)
         plt.close(fig)
         written.append(name)
@@ -397,10 +453,15 @@ def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
         causal = [p["causal"] for p in points["points"]]
         points["pearson_r"] = float(np.corrcoef(bi, causal)[0, 1]) if len(bi) > 2 else None
     results["fig4"] = fig4
+    results["block_boundaries"] = {}
+    for p in sorted((out / "scores").glob("boundaries_*.json")):
+        probe = json.loads(p.read_text())
+        results["block_boundaries"][probe["row"]] = {
+            m: mean_se([v[m] for v in probe["videos"] if v[m] is not None]) for m in probe["videos"][0]}
     curves = training_curves(out)
     results["training_curves"] = curves
     results["plots"] = plot(results, fig4, curves, dest / "plots") if truth is not None else []
-    atomic_write_text(dest / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(dest / "results.json", json.dumps(results, indent=1, allow_nan=False))
     atomic_write_text(dest / "results.md", markdown(results))
     return results
 
@@ -437,6 +498,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {run_name} | {len(p)} | {p[0]['bidirectional']:.4f} -> {p[-1]['bidirectional']:.4f} | "
                          f"{p[0]['causal']:.4f} -> {p[-1]['causal']:.4f} | {'n/a' if r is None else f'{r:.3f}'} |")
         lines.append("")
+    if results.get("block_boundaries"):
+        lines += ["## Motion inside blocks vs across block boundaries (first seed, 64 videos, mean ± SE over videos)",
+                  "", "| row | direction inside | direction across | px/frame inside | px/frame across |",
+                  "|---|---|---|---|---|"]
+        for name, b in results["block_boundaries"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(b[m], False) for m in (
+                "direction_within", "direction_across", "step_px_within", "step_px_across")) + " |")
+        lines.append("")
     if results["student_seconds"]:
         lines += ["## Time per student (2 CPU cores, training incl. the drift callback)", "",
                   "| run | seconds |", "|---|---|"]
@@ -446,7 +515,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("all", "train", "evaluate", "fig4", "report"), nargs="?", default="all")
+    parser.add_argument("command", choices=("all", "train", "evaluate", "fig4", "boundaries", "report"), nargs="?", default="all")
     parser.add_argument("--out", default="outputs/toy_ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the main rows")
     parser.add_argument("--only", nargs="+", choices=list(STUDENTS), help="train only these students")
@@ -454,7 +523,8 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training stage")
     args = parser.parse_intermixed_args(argv)
     out = (ROOT / args.out).resolve()
-    common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
+    common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}",
+              f"world.teacher_checkpoint={STUDY_TEACHER}", *args.overrides]
     budget = Budget(args.budget_min)
     if args.command in ("all", "train"):
         after_each = (lambda: evaluate(out, args.seeds, Budget(None))) if args.command == "all" else None
@@ -463,6 +533,8 @@ def main(argv=None):
         evaluate(out, args.seeds, budget)
     if args.command in ("all", "fig4"):
         fig4_probe(out, args.seeds)
+    if args.command in ("all", "boundaries"):
+        boundary_probe(out, args.seeds)
     print(markdown(report(out, args.seeds)))
 
 

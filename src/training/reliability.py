@@ -301,7 +301,8 @@ ODE_PAIRS_SCHEMA = {"num_frames": (int, 1, None, False), "num_steps": (int, 1, N
                     "shift": (float, 0, None, True), "guidance": (float, 0, None, False), "seed": (int, 0, None, False),
                     "batch_size": (int, 1, None, False)}
 TEACHER_SCHEMA = {"lr": (float, 0, None, True), "weight_decay": (float, 0, None, False),
-                  "warmup_steps": (int, 0, None, False), "text_dropout": (float, 0, 1, False),
+                  "warmup_steps": (int, 0, None, False), "min_lr_ratio": (float, 0, 1, False),
+                  "text_dropout": (float, 0, 1, False),
                   "logit_std": (float, 0, None, True), "timestep_shift": (float, 0, None, True),
                   "seed": (int, 0, None, False), "max_consecutive_skips": (int, 1, None, False)}
 TASK_SCHEMAS = {"DistillTask": DISTILL_SCHEMA, "OdeInitTask": ODE_INIT_SCHEMA, "OdePairsTask": ODE_PAIRS_SCHEMA,

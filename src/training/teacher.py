@@ -11,6 +11,8 @@ config in the metadata; `load_teacher` reads it.
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import hydra
@@ -54,6 +56,7 @@ class TeacherTask(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
+        min_lr_ratio: float = 1.0,
         text_dropout: float = 0.1,
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
@@ -70,6 +73,7 @@ class TeacherTask(L.LightningModule):
         self.save_hyperparameters(
             {"model": model, "text_encoder": text_encoder, "codec": codec, "negative_prompt": negative_prompt,
              "lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_steps": warmup_steps,
+             "min_lr_ratio": min_lr_ratio,
              "text_dropout": text_dropout, "logit_mean": logit_mean, "logit_std": logit_std,
              "timestep_shift": timestep_shift,
              "clip_frames": list(clip_frames) if clip_frames else None,
@@ -136,8 +140,24 @@ class TeacherTask(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        if hp.min_lr_ratio < 1 and total is None:
+            raise ValueError("task.min_lr_ratio < 1 decays the lr over trainer.max_steps, which is not set")
+        factor = functools.partial(lr_factor, warmup_steps=hp.warmup_steps, total_steps=total,
+                                   min_lr_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
+    """Linear warm-up, then constant (min_lr_ratio 1) or a cosine from 1 to min_lr_ratio at total_steps: annealing
+    the lr at the end is what settles a teacher whose quality still moves with the last batches."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if min_lr_ratio >= 1:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def export_teacher(checkpoint_path: str | Path, out_path: str | Path) -> Path:
