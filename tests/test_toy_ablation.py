@@ -28,12 +28,13 @@ def test_each_student_trains_with_its_settings(name):
                 "tc_clean": ("step_first", "clean", 0.1, "bidirectional", 1),
                 "fkl_causal": ("step_first", "next", 0.1, "causal", 1),
                 "fkl_2steps": ("step_first", "next", 0.1, "bidirectional", 2),
-                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1),
+                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1),  # and 5x the generator lr
                 "hiar_fkl_long": ("step_first", "next", 0.1, "bidirectional", 1)}[name]
     got = (cfg.sampler.order, cfg.sampler.context_level, cfg.fkl.weight, cfg.fkl.attention, cfg.fkl.num_steps)
     assert got == expected and cfg.task_name == f"{name}_s0"
     long = name.endswith("_long")
     assert cfg.trainer.max_steps == (ablation.LONG_STEPS if long else cfg.world.training.distill_steps)
+    assert cfg.task.optim.lr_generator == (1e-4 if long else 2e-5)
 
 
 @pytest.mark.parametrize("row", ablation.ROWS, ids=lambda r: r.name)
@@ -41,6 +42,10 @@ def test_each_row_samples_as_its_student_was_trained(row):
     order = row.sampling[0].split("=", 1)[1]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         sampling = compose("generate", overrides=["checkpoint=x", "prompts=x", f"sampler={order}", *row.sampling[1:]])
+    if row.student == ablation.ODE_INIT:  # no training config: the ODE init sampled as the students are
+        assert row.eval_key(0).startswith("ode_init_s0__") and ablation.weights(Path("o"), row.student, 0).name == \
+            "ode_init.safetensors"
+        return
     student = ablation.STUDENTS[row.student]
     trained = ablation.stage_config(student.experiment, list(student.overrides))
     assert sampling.sampler.context_level == trained.sampler.context_level
@@ -70,7 +75,15 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
                                                            "videos": [boundary, {**boundary, "direction_across": 0.0,
                                                                                  "step_px_across": 1.0}]}))
 
+    import torch
+    from safetensors.torch import save_file
+
+    for name, weights in (("ode_init/ode_init", [3.0, 4.0]), ("hiar_s0/student", [3.0, 4.5])):
+        (out / "artifacts" / name).parent.mkdir(parents=True)
+        save_file({"w": torch.tensor(weights)}, out / "artifacts" / f"{name}.safetensors")
+
     results = ablation.report(out, [0, 1, 2], dest=tmp_path / "dest")
+    assert results["weight_change_from_ode_init"] == {"hiar_s0": pytest.approx(0.5 / 5.0)}
     boundaries = results["block_boundaries"]["t_c = t_j (current)"]
     assert boundaries["direction_across"][0] == pytest.approx(0.25)  # mean over videos
     assert boundaries["step_px_across"][0] == 1.0 and boundaries["step_px_across"][1] is None  # one video

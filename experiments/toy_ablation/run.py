@@ -46,7 +46,10 @@ MEASURES = ("fidelity", "direction_agreement", "object_found", "object_color_err
 CURVES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "speckle", "motion")
 
 
-LONG_STEPS = 600  # optimizer steps = 500 iterations at gen_update_ratio 5
+# The forward-KL question with training that moves the student: at the study's default (150 iterations = 30 generator
+# updates at lr 2e-5) every student ends within 0.1% (relative weight norm) of the ODE init it starts from.
+LONG_STEPS = 600  # optimizer steps = 500 iterations = 100 generator updates at gen_update_ratio 5
+LONG = (f"trainer.max_steps={LONG_STEPS}", "world.training.lr_generator=1e-4")  # 5x the default generator lr
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,8 @@ STUDENTS = {
     "tc_clean": Student("hiar_fkl", ("sampler.context_level=clean",)),
     "fkl_causal": Student("hiar_fkl", ("fkl=causal",)),
     "fkl_2steps": Student("hiar_fkl", ("fkl.num_steps=2",)),
-    # the forward-KL question at 3.3x the training (the study's default is 180 optimizer steps = 150 iterations)
-    "hiar_long": Student("hiar", (f"trainer.max_steps={LONG_STEPS}",)),
-    "hiar_fkl_long": Student("hiar_fkl", (f"trainer.max_steps={LONG_STEPS}",)),
+    "hiar_long": Student("hiar", LONG),
+    "hiar_fkl_long": Student("hiar_fkl", LONG),
 }
 MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl")  # trained with every seed in --seeds; the others with the first
 
@@ -82,20 +84,29 @@ class Row:
 
 
 STEP_FIRST, BLOCK_FIRST = ("sampler=step_first",), ("sampler=block_first",)
+LONG_TABLE = "Forward-KL with longer training (500 iterations, generator lr 1e-4)"
+BASE_TABLE = "No distillation: the ODE init"
+ODE_INIT = "ode_init"  # not a student: the shared ODE init (artifacts/ode_init), evaluated like one
+TABLE_2, TABLE_3 = "Table 2: context level t_c", "Table 3: forward-KL and hierarchical denoising"
+PLOTS = {TABLE_2: "table2_segments.png", TABLE_3: "table3_segments.png", LONG_TABLE: "long_segments.png",
+         BASE_TABLE: "ode_init_segments.png"}
 ROWS = [
-    Row("Table 2: context level t_c", "t_c = t_j (current)", "tc_current",
-        (*STEP_FIRST, "sampler.context_level=current")),
-    Row("Table 2: context level t_c", "t_c = t_{j+1} (HiAR)", "hiar_fkl", STEP_FIRST),
-    Row("Table 2: context level t_c", "t_c = 0 (clean)", "tc_clean", (*STEP_FIRST, "sampler.context_level=clean")),
-    Row("Table 3: forward-KL and hierarchical denoising", "fKL bidirectional, 1 step (HiAR)", "hiar_fkl", STEP_FIRST),
-    Row("Table 3: forward-KL and hierarchical denoising", "fKL causal, 1 step", "fkl_causal", STEP_FIRST),
-    Row("Table 3: forward-KL and hierarchical denoising", "fKL bidirectional, 2 steps", "fkl_2steps", STEP_FIRST),
-    Row("Table 3: forward-KL and hierarchical denoising", "w/o fKL", "hiar", STEP_FIRST),
-    Row("Table 3: forward-KL and hierarchical denoising", "SF weights sampled step-first (no retraining)",
-        "self_forcing", STEP_FIRST),
-    Row("Table 3: forward-KL and hierarchical denoising", "block-first Self-Forcing", "self_forcing", BLOCK_FIRST),
-    Row("Forward-KL at 500 iterations", "w/o fKL, 500 iterations", "hiar_long", STEP_FIRST),
-    Row("Forward-KL at 500 iterations", "fKL bidirectional, 1 step, 500 iterations", "hiar_fkl_long", STEP_FIRST),
+    Row(TABLE_2, "t_c = t_j (current)", "tc_current", (*STEP_FIRST, "sampler.context_level=current")),
+    Row(TABLE_2, "t_c = t_{j+1} (HiAR)", "hiar_fkl", STEP_FIRST),
+    Row(TABLE_2, "t_c = 0 (clean)", "tc_clean", (*STEP_FIRST, "sampler.context_level=clean")),
+    Row(TABLE_3, "fKL bidirectional, 1 step (HiAR)", "hiar_fkl", STEP_FIRST),
+    Row(TABLE_3, "fKL causal, 1 step", "fkl_causal", STEP_FIRST),
+    Row(TABLE_3, "fKL bidirectional, 2 steps", "fkl_2steps", STEP_FIRST),
+    Row(TABLE_3, "w/o fKL", "hiar", STEP_FIRST),
+    Row(TABLE_3, "SF weights sampled step-first (no retraining)", "self_forcing", STEP_FIRST),
+    Row(TABLE_3, "block-first Self-Forcing", "self_forcing", BLOCK_FIRST),
+    Row(LONG_TABLE, "w/o fKL, long", "hiar_long", STEP_FIRST),
+    Row(LONG_TABLE, "fKL bidirectional, 1 step, long", "hiar_fkl_long", STEP_FIRST),
+    # the network every student starts from, sampled as the rows above: what distillation changed
+    Row(BASE_TABLE, "ODE init, step-first t_c = t_{j+1}", ODE_INIT, STEP_FIRST),
+    Row(BASE_TABLE, "ODE init, step-first t_c = t_j", ODE_INIT, (*STEP_FIRST, "sampler.context_level=current")),
+    Row(BASE_TABLE, "ODE init, step-first t_c = 0", ODE_INIT, (*STEP_FIRST, "sampler.context_level=clean")),
+    Row(BASE_TABLE, "ODE init, block-first", ODE_INIT, BLOCK_FIRST),
 ]
 
 
@@ -105,6 +116,12 @@ class Budget:
 
     def left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
+
+
+def weights(out: Path, student: str, seed: int) -> Path:
+    if student == ODE_INIT:
+        return out / "artifacts" / "ode_init" / "ode_init.safetensors"
+    return out / "artifacts" / f"{student}_s{seed}" / "student.safetensors"
 
 
 def student_seeds(name: str, seeds: list[int]) -> list[int]:
@@ -209,7 +226,7 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
         for seed in student_seeds(row.student, seeds):
             key = row.eval_key(seed)
             path = scores_dir / f"{key}.json"
-            student = out / "artifacts" / f"{row.student}_s{seed}" / "student.safetensors"
+            student = weights(out, row.student, seed)
             if key in done or path.exists() or not student.exists():
                 continue
             if not budget.left():
@@ -231,9 +248,9 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
 
 def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
     """One-step predictions (pure noise at t = 1000, all 21 frames at once, as the forward-KL term sees them) of the
-    ODE init and every kept checkpoint of the `hiar` and `hiar_long` students (no forward-KL), in bidirectional and in block-causal
-    attention; their dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic degree is a flow
-    magnitude; the one-step predictions are too blurry for the oracle's object tracker). Writes
+    ODE init and every kept checkpoint of the `hiar` and `hiar_long` students (no forward-KL), in bidirectional and in
+    block-causal attention; their dynamics = mean absolute luma difference of consecutive frames (VBench's dynamic
+    degree is a flow magnitude; the one-step predictions are too blurry for the oracle's object tracker). Writes
     scores/fig4_<run>.json."""
     import hydra
     import torch
@@ -280,7 +297,8 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
 # ----------------------------------------------------------------------------------------------- block boundaries
 
 
-BOUNDARY_ROWS = ("t_c = t_j (current)", "t_c = t_{j+1} (HiAR)", "t_c = 0 (clean)", "block-first Self-Forcing")
+BOUNDARY_ROWS = ("t_c = t_j (current)", "t_c = t_{j+1} (HiAR)", "t_c = 0 (clean)", "block-first Self-Forcing",
+                 "ODE init, step-first t_c = t_{j+1}", "ODE init, step-first t_c = t_j")
 
 
 def boundary_measures(video, prompt: str, frames_per_block: int) -> dict:
@@ -310,7 +328,7 @@ def boundary_probe(out: Path, seeds: list[int]) -> None:
     for row in [r for r in ROWS if r.name in BOUNDARY_ROWS]:
         key = row.eval_key(seeds[0])
         path = out / "scores" / f"boundaries_{key}.json"
-        student = out / "artifacts" / f"{row.student}_s{seeds[0]}" / "student.safetensors"
+        student = weights(out, row.student, seeds[0])
         if path.exists() or not student.exists():
             continue
         pipe = HiAR.from_checkpoint(student, world="toy", sampler=row.sampling[0].split("=", 1)[1],
@@ -398,7 +416,7 @@ def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"{table}: oracle per 4 s segment (mean ± SE)")
         fig.tight_layout()
-        name = {"Table 2": "table2_segments.png", "Table 3": "table3_segments.png"}.get(table[:7], "long_segments.png")
+        name = PLOTS[table]
         fig.savefig(plots / name, dpi=110)
         plt.close(fig)
         written.append(name)
@@ -434,6 +452,23 @@ def plot(results: dict, fig4: dict, curves: dict, plots: Path) -> list[str]:
     return written
 
 
+def weight_change(out: Path) -> dict[str, float]:
+    """Per published student: ||w - w_ode_init|| / ||w_ode_init|| over all weights (how far distillation moved it)."""
+    from safetensors.torch import load_file
+
+    base_path = out / "artifacts" / "ode_init" / "ode_init.safetensors"
+    if not base_path.exists():
+        return {}
+    base = load_file(base_path)
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in base.values()))
+    change = {}
+    for path in sorted((out / "artifacts").glob("*_s*/student.safetensors")):
+        student = load_file(path)
+        change[path.parent.name] = math.sqrt(sum(float((student[k].double() - v.double()).square().sum())
+                                                 for k, v in base.items())) / norm
+    return change
+
+
 def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
     """results.json, results.md and plots/ in `dest` from every score file under `out`."""
     truth = _load_json(out / "scores" / "ground_truth.json", None)
@@ -453,6 +488,7 @@ def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
         causal = [p["causal"] for p in points["points"]]
         points["pearson_r"] = float(np.corrcoef(bi, causal)[0, 1]) if len(bi) > 2 else None
     results["fig4"] = fig4
+    results["weight_change_from_ode_init"] = weight_change(out)
     results["block_boundaries"] = {}
     for p in sorted((out / "scores").glob("boundaries_*.json")):
         probe = json.loads(p.read_text())
@@ -498,6 +534,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {run_name} | {len(p)} | {p[0]['bidirectional']:.4f} -> {p[-1]['bidirectional']:.4f} | "
                          f"{p[0]['causal']:.4f} -> {p[-1]['causal']:.4f} | {'n/a' if r is None else f'{r:.3f}'} |")
         lines.append("")
+    if results.get("weight_change_from_ode_init"):
+        lines += ["## How far distillation moved each student: ||w - w_ODE init|| / ||w_ODE init||", "",
+                  "| run | relative change |", "|---|---|"]
+        lines += [f"| {k} | {v:.5f} |" for k, v in results["weight_change_from_ode_init"].items()] + [""]
     if results.get("block_boundaries"):
         lines += ["## Motion inside blocks vs across block boundaries (first seed, 64 videos, mean ± SE over videos)",
                   "", "| row | direction inside | direction across | px/frame inside | px/frame across |",
@@ -515,7 +555,8 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("all", "train", "evaluate", "fig4", "boundaries", "report"), nargs="?", default="all")
+    parser.add_argument("command", choices=("all", "train", "evaluate", "fig4", "boundaries", "report"), nargs="?",
+                        default="all")
     parser.add_argument("--out", default="outputs/toy_ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the main rows")
     parser.add_argument("--only", nargs="+", choices=list(STUDENTS), help="train only these students")
