@@ -138,7 +138,8 @@ def test_missing_stage_and_missing_experiment_each_give_one_line(tmp_path):
     assert "ode_init needs ode_pairs" in err and "run `python -m src.train experiment=ode_pairs` first" in err
     _, err = no_experiment.communicate(timeout=600)
     assert no_experiment.returncode != 0 and err.strip().splitlines()[-1] == (
-        "choose a stage: python -m src.train experiment=<hiar|hiar_fkl|ode_init|ode_pairs|self_forcing|teacher_toy>")
+        "choose a stage: python -m src.train experiment=<hiar|hiar_fkl|ode_init|ode_pairs|self_forcing|teacher_toy|"
+        "teacher_toy_anneal>")
 
 
 def test_root_comes_from_the_marker_not_the_working_directory(tmp_path):
