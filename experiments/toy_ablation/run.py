@@ -183,6 +183,14 @@ def evaluation_prompts() -> list[str]:
     return [p for p in heldout_prompts(EVAL_PROMPTS) for _ in range(EVAL_NOISE_SEEDS)]
 
 
+def row_pipeline(row: Row, weights_path: Path):
+    """The weights loaded for generation, sampled as the row says (its order, then its sampler overrides)."""
+    from src.api import HiAR
+
+    return HiAR.from_checkpoint(weights_path, world="toy", sampler=row.sampling[0].split("=", 1)[1],
+                                overrides=list(row.sampling[1:]))
+
+
 def generate_batched(pipe, prompts: list[str], num_frames: int):
     """Videos [N, T, 3, H, W] in [-1, 1], EVAL_BATCH at a time, batch b from NoiseBank(EVAL_SEED + b)."""
     import torch
@@ -212,7 +220,6 @@ def score(videos, prompts: list[str]) -> list[dict]:
 
 def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
     """Every row x trained seed without a score file: generate, score, write scores/<key>.json."""
-    from src.api import HiAR
     from src.worlds.toy.shapes import parse_prompt, render_video
 
     prompts = evaluation_prompts()
@@ -232,8 +239,7 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
             if not budget.left():
                 print(f"=== budget spent: {key} not evaluated")
                 return
-            order = row.sampling[0].split("=", 1)[1]
-            pipe = HiAR.from_checkpoint(student, world="toy", sampler=order, overrides=list(row.sampling[1:]))
+            pipe = row_pipeline(row, student)
             start = time.perf_counter()
             videos = generate_batched(pipe, prompts, EVAL_FRAMES)
             seconds = time.perf_counter() - start
@@ -322,7 +328,6 @@ def boundary_measures(video, prompt: str, frames_per_block: int) -> dict:
 def boundary_probe(out: Path, seeds: list[int]) -> None:
     """For the context-level rows (first seed): regenerate their evaluation videos (the same noise, so the same
     videos) and measure motion inside blocks vs across block boundaries -> scores/boundaries_<key>.json."""
-    from src.api import HiAR
 
     prompts = evaluation_prompts()
     for row in [r for r in ROWS if r.name in BOUNDARY_ROWS]:
@@ -331,8 +336,7 @@ def boundary_probe(out: Path, seeds: list[int]) -> None:
         student = weights(out, row.student, seeds[0])
         if path.exists() or not student.exists():
             continue
-        pipe = HiAR.from_checkpoint(student, world="toy", sampler=row.sampling[0].split("=", 1)[1],
-                                    overrides=list(row.sampling[1:]))
+        pipe = row_pipeline(row, student)
         fpb = pipe.sampler.frames_per_block
         videos = generate_batched(pipe, prompts, EVAL_FRAMES)
         per_video = [boundary_measures(v, p, fpb) for v, p in zip(videos, prompts)]
