@@ -31,18 +31,18 @@ lint: setup
 	$(PY) -m ruff check src callbacks evaluation tests
 
 bench: setup
-	$(PY) -m src.bench --out experiments/bench/cpu.json
-	$(PY) -m src.bench --throughput --throughput-out experiments/bench/throughput.json
+	$(PY) -m src.perf cpu --out experiments/bench/cpu.json
+	$(PY) -m src.perf cpu --throughput --throughput-out experiments/bench/throughput.json
 
 # BENCH_GPU_ARGS: e.g. "--smoke --dtype bfloat16" checks the bf16 code path on CPU
 BENCH_GPU_ARGS ?=
 bench-gpu: setup
-	$(PY) -m src.bench_gpu --out experiments/bench $(BENCH_GPU_ARGS)
+	$(PY) -m src.perf gpu --out experiments/bench $(BENCH_GPU_ARGS)
 
 # The prepared first GPU run (< 8 min on one H100/H200): bench-gpu eager + compiled, a 1.3B DMD iteration against the
 # estimator, attention TFLOP/s per mode -> experiments/bench/gpu_check_<device>.json. `--smoke` checks it on CPU.
 gpu-check: setup
-	$(PY) -m src.gpu_check --out experiments/bench
+	$(PY) -m src.perf check --out experiments/bench
 
 # Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
 # toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).

@@ -18,7 +18,7 @@ steps, so the count can jump over an exact multiple) and prints a line when it s
 
 Logged: `drift/*` scalars to every logger (the combined drift, per-measure slopes, the first/last imaging-quality
 gap when MUSIQ is available, the frame-difference motion proxy, the toy-world oracle and VBench dimensions when
-enabled); one grid video of every prompt (evaluation.video_io's writer: yuv420p, upscaled), the per-segment plot
+enabled); one grid video of every prompt (src.video_io's writer: yuv420p, upscaled), the per-segment plot
 (seconds on the x-axis) and the drift score over training steps to WandbLogger / TensorBoardLogger. Files (plots,
 `samples.mp4`, JSON of the numbers) go to `<trainer.log_dir or default_root_dir>/drift/step_<N>/` for every logger,
 `history.json` / `history.png` to `drift/`.
@@ -52,7 +52,7 @@ from evaluation.vbench_runner import (
     default_cache_dir,
     run_vbench,
 )
-from evaluation.video_io import grid, upscale_factor, view_frames, write_video
+from src.video_io import grid, upscale_factor, view_frames, write_video
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`python -m evaluation.run` (conf/eval.yaml): videos -> every available metric -> report.md / report.json / plots.
 
 Inputs (any combination):
-- `videos_dir=DIR`: mp4 files, one subfolder per method (see `evaluation.video_io`); prompts from `prompts_file=`
+- `videos_dir=DIR`: mp4 files, one subfolder per method (see `src.video_io`); prompts from `prompts_file=`
   JSON, src.generate's settings.json, or the file names.
 - `generate.methods={name: {checkpoint: PATH, overrides: [...]}}`: each method's videos are generated first by
   `python -m src.generate` (a subprocess; overrides such as `sampler=block_first` or `world=...` pass through) for
@@ -30,8 +30,8 @@ from evaluation.drift import video_drift
 from evaluation.models import load_measures
 from evaluation.report import jsonable, summarise_method, write_report
 from evaluation.vbench_runner import LONG_VIDEO_S, VBenchUnavailable, check_vbench, run_vbench
-from evaluation.video_io import VideoEntry, list_videos, read_video, write_video
 from src import artifacts
+from src.video_io import VideoEntry, list_videos, read_video, write_video
 
 artifacts.setup_root()  # conf/paths reads $HIAR_ROOT
 

@@ -24,11 +24,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.video_io import VideoWriter, upscale_factor
 from src.checkpoints import load_dit
 from src.sampling.noise import NoiseBank
-from src.sampling.schedules import SamplerConfig, hybrid_steps_of
-from src.sampling.stream import StreamedBlock, stream
+from src.sampling.orders import SamplerConfig, hybrid_steps_of
+from src.sampling.streaming import StreamedBlock, stream
+from src.video_io import VideoWriter, upscale_factor
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,8 +91,8 @@ class HiAR:
         device = resolve_device(cfg.device)
         config = hydra.utils.instantiate(cfg.model_config) if cfg.model_config is not None else None
         model = load_dit(checkpoint, which=cfg.which, config=config, device=device, dtype=DTYPES[cfg.dtype]).eval()
-        if cfg.get("compile", False):  # compile each transformer block (src.models.compile); CLI: compile=true
-            from src.models.compile import compile_blocks
+        if cfg.get("compile", False):  # compile each transformer block (src.distributed.parallelize); CLI: compile=true
+            from src.distributed.parallelize import compile_blocks
 
             compile_blocks(model)
         text_encoder = hydra.utils.instantiate(cfg.world.text_encoder).to(device).eval()

@@ -23,9 +23,9 @@ import webdataset as wds
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from evaluation.video_io import upscale_factor
 from src.api import HiAR, parse_schedule
 from src.io import atomic_write_text
+from src.video_io import upscale_factor
 
 log = logging.getLogger(__name__)
 

@@ -168,3 +168,28 @@ def clean_partial(folder: str | Path) -> list[Path]:
         _remove(p)
         removed.append(p)
     return removed
+
+
+class InputError(ValueError):
+    """A bad input file or config value, found before any training work; the message names the file or key."""
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line; a missing, binary or empty file fails naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    data = path.read_bytes()
+    nul = data.find(bytes(1))
+    if nul >= 0:
+        raise InputError(f"prompt file {path}: holds a NUL byte (offset {nul}); is it a binary file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"prompt file {path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); "
+                         "is it a binary file?") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts")
+    return prompts

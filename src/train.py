@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import artifacts
 from src.io import atomic_write_text
-from src.training.reliability import AtomicCheckpointIO, validate_config
+from src.schema import validate_config
+from src.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,4 +1,7 @@
+"""Suite-wide set-up: thread count, markers by folder (unit / integration / cli), shared fixtures (tests/helpers.py)."""
+
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from src.models.wan import WanConfig, WanDiT  # noqa: E402
 
+from helpers import TINY, save_tiny_teacher  # noqa: E402
+
+FOLDER_MARKERS = ("unit", "integration", "cli")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked by its folder: `pytest -m unit` is the fast loop (`make test-fast`)."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
+
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
@@ -15,9 +30,6 @@ def keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-TINY = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_len=8, text_dim=16)
 
 
 @pytest.fixture
@@ -29,3 +41,15 @@ def tiny_config() -> WanConfig:
 def tiny_model(tiny_config) -> WanDiT:
     torch.manual_seed(0)
     return WanDiT(tiny_config).eval()
+
+
+@pytest.fixture
+def teacher_file(tmp_path) -> Path:
+    """A random tiny teacher (helpers.TINY_MODEL) as safetensors."""
+    return save_tiny_teacher(tmp_path / "teacher.safetensors")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """The same tiny teacher, one per test module."""
+    return str(save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.safetensors"))

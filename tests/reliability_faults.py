@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 
 from src.io import atomic_path, write_checksum
-from src.training.streams import prompt_list
+from src.training.data import prompt_list
 
 
 class KillAt(L.Callback):
@@ -51,7 +51,7 @@ def write_pair_shards(shard_dir: str | Path, count: int, shape: tuple, per_shard
     """ODE-pair shards in the format PairShardWriter writes (random trajectories, toy prompts), with checksums."""
     shard_dir = Path(shard_dir)
     g = torch.Generator().manual_seed(seed)
-    prompts = prompt_list("toy", count, seed + 1)
+    prompts = prompt_list("src.worlds.toy.shapes.training_prompts", count, seed + 1)
     sigmas = [1.0, 0.96, 8 / 9, 8 / 11, 0.0]
     paths = []
     for start in range(0, count, per_shard):

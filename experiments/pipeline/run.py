@@ -3,7 +3,7 @@
     .venv/bin/python experiments/pipeline/run.py --out experiments/pipeline/results.json
 
 1. Forward cost of a small random DiT on one CPU thread: forwards over q in {3, 6} frames with 0/9/21 cached frames
-   and 1/2/4 batch rows (median of 7), fitted to a + rows (b q + c q k) (src.sampling.schedule_model).
+   and 1/2/4 batch rows (median of 7), fitted to a + rows (b q + c q k) (src.perf.timing_model).
 2. Transfer time of one block latent: gloo ping-pong between two local processes (half the round trip).
 3. Measured runs (one thread per process): block-first, step-first and the wavefront in this process; pipelined with
    1, 2 and 4 gloo processes, unfused (DAC) and fused; total time and first-block latency, best of --reps.
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from src.distributed.launch import launch_local
 from src.models.wan import WanConfig, WanDiT
+from src.perf.timing_model import ForwardCost, ScheduleModel, fit_forward_cost, flop_forward_cost
 from src.sampling.noise import NoiseBank
-from src.sampling.pipeline import launch_local, pipeline_blocks
-from src.sampling.schedule_model import ForwardCost, ScheduleModel, fit_forward_cost, flop_forward_cost
-from src.sampling.schedules import SamplerConfig, generate_blocks
+from src.sampling.orders import SamplerConfig, generate_blocks
+from src.sampling.pipeline import pipeline_blocks
 from src.sampling.wavefront import wavefront_blocks
 
 BENCH = WanConfig(dim=128, ffn_dim=256, freq_dim=64, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_len=16,

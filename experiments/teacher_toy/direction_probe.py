@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from src.schedule import add_noise
+from src.flow_matching import add_noise
 from src.training.teacher import load_teacher
 from src.worlds.toy.shapes import prompt_from_attributes, render_video, sample_attributes
 

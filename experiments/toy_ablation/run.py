@@ -196,7 +196,7 @@ def generate_batched(pipe, prompts: list[str], num_frames: int):
     import torch
 
     from src.sampling.noise import NoiseBank
-    from src.sampling.schedules import sample
+    from src.sampling.orders import sample
 
     videos = []
     with torch.no_grad():
@@ -264,7 +264,7 @@ def fig4_probe(out: Path, seeds: list[int], num_videos: int = 16) -> None:
 
     from evaluation.measures import frame_difference
     from src.checkpoints import load_dit
-    from src.schedule import x0_from_velocity
+    from src.flow_matching import x0_from_velocity
     from src.worlds.toy.shapes import heldout_prompts
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

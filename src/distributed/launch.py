@@ -8,6 +8,8 @@ Every rank runs `python -m src.train` with the given Hydra overrides, plus:
 * under srun: RANK / WORLD_SIZE / LOCAL_RANK from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which webdataset reads
   for its node split and per-rank resampling seeds.
 
+``launch_local`` runs a function in a local process group of spawned processes (tests, experiments).
+
 docs/distributed.md has the commands.
 """
 
@@ -15,8 +17,13 @@ from __future__ import annotations
 
 import os
 import runpy
+import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
 
@@ -38,6 +45,31 @@ def rank_overrides(args: list[str], environ: Mapping[str, str]) -> list[str]:
     if int(environ.get("RANK", "0")) > 0:
         out += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled", "hydra.output_subdir=null"]
     return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_worker(rank: int, world: int, port: int, backend: str, threads: int, fn: Callable, args: tuple):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(world: int, fn: Callable, *args, backend: str = "gloo", threads: int = 1) -> None:
+    """Run fn(rank, world, *args) in ``world`` spawned processes joined in a process group on 127.0.0.1 (a free
+    port), each with ``threads`` intra-op threads. fn must be importable (a module-level function)."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    mp.start_processes(_local_worker, args=(world, free_port(), backend, threads, fn, args), nprocs=world,
+                       start_method="spawn")
 
 
 def main() -> None:

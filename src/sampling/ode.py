@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from src.schedule import euler_grid, euler_step
+from src.flow_matching import euler_grid, euler_step
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ along anti-diagonals as soon as their two dependencies are done: the input of it
 previous process by asynchronous point-to-point (``irecv``, posted ahead), the output of its last step leaves for the
 next process (``isend``) right after the denoise forward and *before* the cache write ("DAC": Denoise, Add noise,
 send, Cache write, as the released script does), so the write overlaps the next process's denoise. Every cell is
-``schedules.denoise_cell`` with the same cache contents, inputs and noise-bank addresses as the single-process
+``orders.denoise_cell`` with the same cache contents, inputs and noise-bank addresses as the single-process
 step-first sampler, so the output is the same bit for bit, for any number of processes from 1 to S.
 
 Fusion (``fuse=True``, the paper's variant): the cache write of block n-1 and the denoise of block n at the same step
@@ -17,8 +17,8 @@ block's context is never written). Equal to the unfused result up to float round
     torchrun --nproc_per_node 4 -m src.sampling.pipeline --blocks 7 --toy --check
     torchrun --nproc_per_node 4 -m src.sampling.pipeline --checkpoint hiar.pt --context text.pt --blocks 27 --fuse
 
-gloo on CPU, NCCL on GPU (one GPU per process, ``LOCAL_RANK``). ``launch_local`` spawns a local process group (tests,
-experiments).
+gloo on CPU, NCCL on GPU (one GPU per process, ``LOCAL_RANK``). ``src.distributed.launch.launch_local`` spawns a local
+process group (tests, experiments).
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from src.sampling.noise import NoiseBank
+from src.sampling.orders import SamplerConfig, denoise_cell, sample
 from src.sampling.primitive import denoise_chunk, write_context
-from src.sampling.schedules import SamplerConfig, denoise_cell, sample
 
 LOOKAHEAD = 2  # receives posted ahead of the block being denoised
 
@@ -169,34 +167,6 @@ def pipeline_sample(model, context: torch.Tensor, num_frames: int, latent_shape:
     blocks = [x0 for _, x0 in pipeline_blocks(model, context, num_frames, latent_shape, cfg, bank, fuse=fuse,
                                               group=group, trace=trace)]
     return torch.cat(blocks, dim=1) if blocks else None
-
-
-# --------------------------------------------------------------------------------------------- local launch
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_worker(rank: int, world: int, port: int, backend: str, threads: int, fn: Callable, args: tuple):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch_local(world: int, fn: Callable, *args, backend: str = "gloo", threads: int = 1) -> None:
-    """Run fn(rank, world, *args) in ``world`` spawned processes joined in a process group on 127.0.0.1 (a free
-    port), each with ``threads`` intra-op threads. fn must be importable (a module-level function)."""
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
-    mp.start_processes(_local_worker, args=(world, free_port(), backend, threads, fn, args), nprocs=world,
-                       start_method="spawn")
 
 
 # --------------------------------------------------------------------------------------------- torchrun entry

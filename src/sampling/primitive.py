@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from src.schedule import add_noise, euler_step, x0_from_velocity
+from src.flow_matching import add_noise, euler_step, x0_from_velocity
 
 
 def frame_timesteps(t, x: torch.Tensor) -> torch.Tensor:

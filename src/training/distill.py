@@ -8,7 +8,7 @@ Three models (hiar_method.md §7):
 Every iteration updates the critic (flow loss on a no-grad rollout); every `gen_update_ratio`-th iteration first
 updates the generator (DMD loss on a rollout whose exit-step forwards carry grad, plus `fkl.weight` times the
 forward-KL loss on a batch of teacher ODE trajectories). Rollouts are the samplers' own schedules
-(`src.sampling.schedules.sample` with `exit_step`): step-first for HiAR, block-first for the Self-Forcing baseline.
+(`src.sampling.orders.sample` with `exit_step`): step-first for HiAR, block-first for the Self-Forcing baseline.
 
 Distributed training (src/distributed, docs/distributed.md): every random draw of a sample -- its rollout noise,
 its DMD / critic timestep and noise -- is keyed by (seed, iteration, purpose, the sample's index in the iteration's
@@ -41,21 +41,14 @@ from torch._subclasses.fake_tensor import is_fake
 
 from src.artifacts import verify_artifact
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
+from src.flow_matching import add_noise, sample_training_timesteps, x0_from_velocity
 from src.io import clean_partial
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
-from src.sampling.schedules import SamplerConfig, sample
-from src.schedule import add_noise, sample_training_timesteps, x0_from_velocity
+from src.sampling.orders import SamplerConfig, sample
+from src.training.checkpoint_io import TASK_KEY, check_checkpoint_task, task_record
 from src.training.ema import GeneratorEMA, master_parameters
-from src.training.reliability import (
-    TASK_KEY,
-    NonFiniteError,
-    NonFiniteGuard,
-    check_checkpoint_task,
-    drop_gradients,
-    save_finite,
-    task_record,
-)
+from src.training.guards import NonFiniteError, NonFiniteGuard, drop_gradients, save_finite
 from src.training.teacher import model_config, plain
 
 ROLLOUT_ORDERS = ("step_first", "block_first")
@@ -247,7 +240,7 @@ class DistillTask(L.LightningModule):
         fake = x0_from_velocity(x_t, self.critic(x_t, t, cond), t)
         scale = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = (fake - real) / scale
-        if is_fake(grad):  # a shape-only run (src.estimate): there are no values to check
+        if is_fake(grad):  # a shape-only run (src.perf.estimate): there are no values to check
             return grad
         bad = ~torch.isfinite(grad)
         count = int(bad.sum())

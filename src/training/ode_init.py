@@ -5,8 +5,8 @@ Self-Forcing `ode_init.pt`); one block-causal forward predicts x0 for every bloc
 trajectory's clean end. The result, `ode_init.safetensors`, initialises the DMD stage's generator.
 
 The levels are drawn per sample from (seed, iteration, global sample index) -- the stream tags each batch with its
-iteration and its samples' indices (src/training/streams.py) -- so a resumed run draws what the straight run drew. A
-non-finite loss or gradient norm skips the step (src/training/reliability.py NonFiniteGuard); the export refuses non-
+iteration and its samples' indices (src/training/data.py) -- so a resumed run draws what the straight run drew. A
+non-finite loss or gradient norm skips the step (src/training/guards.py NonFiniteGuard); the export refuses non-
 finite weights.
 """
 
@@ -20,17 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from src.checkpoints import save_dit
+from src.flow_matching import x0_from_velocity
 from src.io import clean_partial
 from src.sampling.noise import derived_seed
-from src.schedule import x0_from_velocity
+from src.training.checkpoint_io import TASK_KEY, check_checkpoint_task, task_record
 from src.training.distill import load_world_model
-from src.training.reliability import (
-    TASK_KEY,
-    NonFiniteGuard,
-    check_checkpoint_task,
-    save_finite,
-    task_record,
-)
+from src.training.guards import NonFiniteGuard, save_finite
 from src.training.teacher import plain
 
 

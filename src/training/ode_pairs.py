@@ -1,4 +1,4 @@
-"""Teacher ODE trajectories ("ODE pairs") as webdataset shards (read back by src/training/streams.py).
+"""Teacher ODE trajectories ("ODE pairs") as webdataset shards (read back by src/training/data.py).
 
 Writing (`python -m src.train experiment=ode_pairs`, `trainer.predict`): the prompt set is cut into chunks of
 `pairs_per_shard`; each chunk becomes one shard `ode-<chunk>.tar`, written atomically with its `.sha256`. A chunk whose
@@ -29,12 +29,12 @@ import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from src.flow_matching import euler_grid
 from src.io import CHECKSUM_SUFFIX, atomic_path, atomic_write_text, clean_partial, sha256_file, write_checksum
 from src.sampling.noise import derived_seed
 from src.sampling.ode import sample_ode
-from src.schedule import euler_grid
+from src.training.data import prompt_list
 from src.training.distill import load_world_model
-from src.training.streams import prompt_list
 from src.training.teacher import plain
 
 SHARD_PATTERN = "ode-{:06d}.tar"

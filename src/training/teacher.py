@@ -22,16 +22,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_dit, save_dit
+from src.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 from src.models.wan import WanConfig, WanDiT
 from src.sampling.noise import derived_seed
-from src.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
-from src.training.reliability import (
-    TASK_KEY,
-    NonFiniteGuard,
-    check_checkpoint_task,
-    save_finite,
-    task_record,
-)
+from src.training.checkpoint_io import TASK_KEY, check_checkpoint_task, task_record
+from src.training.guards import NonFiniteGuard, save_finite
 
 
 def plain(node) -> dict:
@@ -128,7 +123,7 @@ class TeacherTask(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """A non-finite loss or gradient norm skips the step (src/training/reliability.py NonFiniteGuard)."""
+        """A non-finite loss or gradient norm skips the step (src/training/guards.py NonFiniteGuard)."""
         self.guard.before_step(self, self.model.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

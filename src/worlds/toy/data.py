@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 
 from src.sampling.noise import derived_seed
-from src.training.streams import EpochOrder, PositionalStream, ShardIndex, load_npy, loader, rank_positions, run_position
+from src.training.data import EpochOrder, PositionalStream, ShardIndex, load_npy, loader, rank_positions, run_position
 from src.worlds.toy.shapes import (
     generator_fingerprint,
     prompt_from_attributes,
@@ -92,7 +92,7 @@ def _collate(samples: list[dict]) -> dict:
 class ToyVideoDataModule(L.LightningDataModule):
     """source="shards": read (and, if absent, first write) webdataset shards; source="procedural": render on the fly.
 
-    A positional stream (src/training/streams.py): iteration i's batch is a function of (seed, i, global sample index)
+    A positional stream (src/training/data.py): iteration i's batch is a function of (seed, i, global sample index)
     whatever the world size, so a resumed run reads what the straight run read. Shards are read by random access
     (every shard indexed and its clips' shape checked when the loader is built), draw n of the shard stream being
     video perm_e[n mod N] of a per-epoch permutation; procedural sample j of iteration i is rendered from

@@ -144,6 +144,16 @@ def prompt_from_attributes(attrs: dict) -> str:
     return f"{article} {attrs['color']} {attrs['shape']} moving {attrs['direction']} on a {attrs['background']} background"
 
 
+TRAINING_PROMPTS = 4096  # the toy world's "prompt file": this many procedural prompts unless told otherwise
+
+
+def training_prompts(num_prompts: int | None = None, seed: int = 0) -> list[str]:
+    """The toy world's training prompt source (``world.training.prompts``): ``num_prompts`` procedural prompts (default
+    TRAINING_PROMPTS), never a held-out one."""
+    rng = np.random.default_rng(seed)
+    return [prompt_from_attributes(sample_attributes(rng)) for _ in range(num_prompts or TRAINING_PROMPTS)]
+
+
 def parse_prompt(prompt: str) -> dict:
     """The inverse of `prompt_from_attributes` (case and surrounding spaces ignored)."""
     match = PROMPT_PATTERN.match(" ".join(prompt.lower().split()))
