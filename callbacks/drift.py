@@ -4,7 +4,7 @@ Protocol the LightningModule implements (`DriftSampler`), so this callback knows
 
     def sample_videos(self, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
         '''Pixels [B, T, 3, H, W] in [-1, 1] for the prompts: `num_frames` latent frames (81 ~ 20 s in Wan),
-        step-first sampling, EMA weights when the module keeps them, all noise drawn from a private
+        in the order the module trains in, EMA weights when the module keeps them, all noise drawn from a private
         torch.Generator seeded with `seed`.'''
 
 The callback calls it under `torch.no_grad()` with the module in eval mode (train mode restored afterwards), on global

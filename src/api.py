@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_dit
 from src.sampling.noise import NoiseBank
-from src.sampling.orders import SamplerConfig, hybrid_steps_of
+from src.sampling.orders import SamplerConfig
 from src.sampling.streaming import StreamedBlock, stream
 from src.video_io import VideoWriter, upscale_factor
 
@@ -66,10 +66,9 @@ class HiAR:
     """A causal student with its world's text encoder and codec and a sampler: prompts in, pixels out."""
 
     def __init__(self, model, text_encoder, codec, latent_shape: Sequence[int], fps: float, sampler: SamplerConfig,
-                 order: str = "step_first", upscale: int | str = "auto"):
-        hybrid_steps_of(order, sampler)  # validates the order
+                 upscale: int | str = "auto"):
         self.model, self.text_encoder, self.codec = model, text_encoder, codec
-        self.latent_shape, self.fps, self.sampler, self.order = tuple(latent_shape), float(fps), sampler, order
+        self.latent_shape, self.fps, self.sampler = tuple(latent_shape), float(fps), sampler
         self.upscale = upscale
         self.device = next(model.parameters()).device
 
@@ -83,10 +82,7 @@ class HiAR:
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-        sampler_options = OmegaConf.to_container(cfg.sampler, resolve=True)
-        order = sampler_options.pop("order")
-        sampler = SamplerConfig(**sampler_options)
-        hybrid_steps_of(order, sampler)
+        sampler = SamplerConfig(**OmegaConf.to_container(cfg.sampler, resolve=True))
         upscale_factor(cfg.upscale, cfg.world.video.height, cfg.world.video.width)  # validates before loading
         device = resolve_device(cfg.device)
         config = hydra.utils.instantiate(cfg.model_config) if cfg.model_config is not None else None
@@ -99,7 +95,7 @@ class HiAR:
         codec = hydra.utils.instantiate(cfg.world.codec).to(device).eval()
         latent = cfg.world.latent
         return cls(model, text_encoder, codec, (latent.channels, latent.height, latent.width), cfg.world.fps, sampler,
-                   order, cfg.upscale)
+                   cfg.upscale)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, world: str = "toy", sampler: str = "step_first", which: str = "auto",
@@ -112,6 +108,10 @@ class HiAR:
                                                  f"which={which}", f"device={device}", f"dtype={dtype}", "prompts=",
                                                  "output_dir=", *overrides])
         return cls.from_config(cfg)
+
+    @property
+    def order(self) -> str:
+        return self.sampler.order
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -134,7 +134,7 @@ class HiAR:
         self.check_frames(num_frames)
         schedule = parse_schedule(prompt_schedule, switch_every, num_frames, self.sampler.frames_per_block)
         yield from stream(self.model, self.encode(schedule), num_frames, self.latent_shape, self.sampler,
-                          NoiseBank(seed), order=order or self.order, codec=self.codec, progress=progress)
+                          NoiseBank(seed), order=order, codec=self.codec, progress=progress)
 
     def generate(self, prompts: str | Sequence[str | Mapping[int, str]], num_frames: int = 81, order: str | None = None,
                  seed: int = 0, switch_every: int | None = None, out: str | Path | None = None,

@@ -129,7 +129,7 @@ def generate(cfg: DictConfig) -> list[Path]:
         "which": cfg.which,
         "model_config": pipe.model.cfg.to_dict(),
         "world": cfg.world.name,
-        "sampler": {"order": pipe.order, **asdict(sampler), "timesteps": sampler.timesteps},
+        "sampler": {**asdict(sampler), "timesteps": sampler.timesteps},
         "num_frames": cfg.num_frames,
         "switch_every": switch_every,
         "pixel_frames": pipe.codec.num_pixel_frames(cfg.num_frames),

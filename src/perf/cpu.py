@@ -87,7 +87,7 @@ def bench_attention_modes(cfg: WanConfig, latent: tuple[int, int, int], num_bloc
     }
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 THROUGHPUT_SCRIPT = ROOT / "experiments" / "bench" / "throughput.py"
 
 

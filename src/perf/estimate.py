@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import src.models.kv_cache as kv_cache
 from src.distributed.config import batch_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_SIZES_GB = (24, 48, 80, 141)
 GIB = 2**30
 GB = 1e9

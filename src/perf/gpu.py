@@ -37,7 +37,7 @@ from src.sampling.orders import SamplerConfig, forward_count, generate_blocks
 from src.sampling.wavefront import wavefront_blocks
 from src.worlds.wan.vae import WAN21_VAE_CONFIG, WanVAE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_PRESET = ROOT / "conf" / "model" / "wan2.1-t2v-1.3b.yaml"
 SAMPLERS = ("block_first", "step_first", "wavefront")
 NO_GPU = "needs a CUDA GPU; use --smoke on CPU to check the code path"
@@ -141,7 +141,7 @@ def expected_forwards(sampler: str, cfg: SamplerConfig, num_blocks: int) -> int:
     """forward_count for block-/step-first; N + S - 1 batched forwards (one per tick) for the wavefront."""
     if sampler == "wavefront":
         return num_blocks + cfg.num_steps - 1
-    return forward_count(sampler, cfg, num_blocks)
+    return forward_count(cfg.with_order(sampler), num_blocks)
 
 
 @torch.no_grad()

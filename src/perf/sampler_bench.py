@@ -88,7 +88,8 @@ def bench_samplers(model: WanDiT | WanConfig, latent_shape: Sequence[int], num_f
             "first_block_latency_s": first,
             "total_s": total,
             "forwards": counter.forwards,
-            "expected_forwards": forward_count(order, variant_cfg, num_frames // variant_cfg.frames_per_block),
+            "expected_forwards": forward_count(variant_cfg.with_order(order),
+                                                num_frames // variant_cfg.frames_per_block),
             "tokens": counter.tokens,
         }
     return results

@@ -45,7 +45,7 @@ cells therefore consume identical noise: with one block, or with one step, block
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -59,27 +59,36 @@ CONTEXT_LEVELS = ("next", "clean", "current")
 
 @dataclass
 class SamplerConfig:
-    """steps: the student's step list (warped onto the shift grid when ``warp``: [1000, 750, 500, 250] at shift 5 ->
-    1000, 937.5, 833.3, 625). window/sink: latent frames, multiples of frames_per_block (window None: unbounded)."""
+    """Everything a sampler order needs, validated once; the home of every sampler default (conf/sampler/ extends it).
 
-    steps: Sequence[float] = (1000, 750, 500, 250)
+    order: block_first | step_first | hybrid (the module docstring). steps: the student's step list, warped onto the
+    shift grid when ``warp`` ([1000, 750, 500, 250] at shift 5 -> 1000, 937.5, 833.3, 625); ``timesteps`` holds the
+    result, computed once. window/sink: latent frames, multiples of frames_per_block (window None: unbounded)."""
+
+    order: str = "step_first"
+    steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     warp: bool = True
     shift: float = 5.0
     frames_per_block: int = 3
-    window: int | None = 21
-    sink: int = 0
-    context_level: str = "next"
-    renoise: bool = True
-    context_noise: float = 0.0
-    hybrid_steps: int = 2  # order "hybrid" only
+    window: int | None = 21  # rolling window of latent frames (None: unbounded)
+    sink: int = 0  # first frames never evicted
+    context_level: str = "next"  # next (t_{j+1}) | clean (0) | current (t_j)
+    renoise: bool = True  # fresh-noise re-noising (False: the deterministic Euler step)
+    context_noise: float = 0.0  # timestep of a clean context write
+    hybrid_steps: int = 2  # order "hybrid" only: how many first steps run block-first
 
     def __post_init__(self):
         self.steps = tuple(float(s) for s in self.steps)
         if not self.steps:
             raise ValueError("steps must list at least one timestep")
-        ts = self.timesteps
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown sampler order {self.order!r}; expected one of {ORDERS}")
+        if self.hybrid_steps < 0 or (self.order == "hybrid" and self.hybrid_steps > self.num_steps):
+            raise ValueError(f"hybrid_steps={self.hybrid_steps} must lie in [0, {self.num_steps}] (the number of steps)")
+        ts = tuple(warp_steps(self.steps, self.shift).tolist() if self.warp else self.steps)
         if any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
             raise ValueError(f"timesteps must decrease strictly within (0, 1000], got {ts}")
+        self._timesteps = ts
         if self.frames_per_block < 1:
             raise ValueError("frames_per_block must be >= 1")
         fpb = self.frames_per_block
@@ -91,16 +100,24 @@ class SamplerConfig:
             raise ValueError(f"context_level must be one of {CONTEXT_LEVELS}, got {self.context_level!r}")
         if not 0 <= self.context_noise < NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"context_noise must lie in [0, 1000), got {self.context_noise}")
-        if self.hybrid_steps < 0:
-            raise ValueError(f"hybrid_steps must be >= 0, got {self.hybrid_steps}")
 
     @property
-    def timesteps(self) -> list[float]:
-        return warp_steps(self.steps, self.shift).tolist() if self.warp else list(self.steps)
+    def timesteps(self) -> tuple[float, ...]:
+        """The step list the sampler runs (warped when ``warp``)."""
+        return self._timesteps
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
+
+    @property
+    def block_first_steps(self) -> int:
+        """How many first steps run block-first: S for block_first, 0 for step_first, hybrid_steps for hybrid."""
+        return {"block_first": self.num_steps, "step_first": 0, "hybrid": self.hybrid_steps}[self.order]
+
+    def with_order(self, order: str | None) -> SamplerConfig:
+        """This config under another order (None: itself)."""
+        return self if order is None or order == self.order else replace(self, order=order)
 
 
 def block_contexts(context: torch.Tensor | Mapping[int, torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
@@ -280,9 +297,9 @@ def _step_first_phase(r: Rollout, first_step: int) -> Iterator[tuple[int, torch.
                 r.write(n, cell.context, cell.context_t)
 
 
-def forward_count(order: str, cfg: SamplerConfig, num_blocks: int, exit_step: int | None = None) -> int:
-    """The number of model forwards (each over one block) the order performs without prompt switches."""
-    k, n = hybrid_steps_of(order, cfg), num_blocks
+def forward_count(cfg: SamplerConfig, num_blocks: int, exit_step: int | None = None) -> int:
+    """The number of model forwards (each over one block) ``cfg.order`` performs without prompt switches."""
+    k, n = cfg.block_first_steps, num_blocks
     steps_run = cfg.num_steps if exit_step is None else exit_step + 1
     block_first_part = n * min(k, steps_run) + n - 1 if k else 0
     m = max(0, steps_run - k)  # step-first steps
@@ -293,24 +310,16 @@ def forward_count(order: str, cfg: SamplerConfig, num_blocks: int, exit_step: in
     return block_first_part + m * n + writes
 
 
-def hybrid_steps_of(order: str, cfg: SamplerConfig) -> int:
-    """How many first steps run block-first: S for block_first, 0 for step_first, cfg.hybrid_steps for hybrid."""
-    if order not in ORDERS:
-        raise ValueError(f"unknown sampler order {order!r}; expected one of {ORDERS}")
-    if order == "hybrid" and cfg.hybrid_steps > cfg.num_steps:
-        raise ValueError(f"hybrid_steps={cfg.hybrid_steps} exceeds the number of steps {cfg.num_steps}")
-    return {"block_first": cfg.num_steps, "step_first": 0, "hybrid": cfg.hybrid_steps}[order]
-
-
 def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
-                    bank: NoiseBank, *, order: str = "step_first", exit_step: int | None = None,
+                    bank: NoiseBank, *, order: str | None = None, exit_step: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (block index, x0_hat [B, f, C, h, w]) in block order as soon as each block is final.
 
     context: text embeddings [B, L, D] or a prompt schedule {start_block: embeddings}. latent_shape: (C, h, w).
-    progress(step, block) is called after every denoise cell.
+    order: overrides ``cfg.order`` for this call. progress(step, block) is called after every denoise cell.
     """
-    k = hybrid_steps_of(order, cfg)
+    cfg = cfg.with_order(order)
+    k = cfg.block_first_steps
     r = Rollout(model, context, num_frames, latent_shape, cfg, bank, exit_step, progress)
     if k:
         yield from _block_first_phase(r, k)
@@ -319,24 +328,9 @@ def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int]
 
 
 def sample(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig, bank: NoiseBank, *,
-           order: str = "step_first", exit_step: int | None = None,
+           order: str | None = None, exit_step: int | None = None,
            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The whole video [B, num_frames, C, h, w] (x0_hat at the exit step when exit_step is given)."""
     blocks = generate_blocks(model, context, num_frames, latent_shape, cfg, bank, order=order, exit_step=exit_step,
                              progress=progress)
     return torch.cat([x0 for _, x0 in blocks], dim=1)
-
-
-def block_first(model, context, num_frames, latent_shape, cfg, bank, **kw) -> torch.Tensor:
-    """Self-Forcing order; N(S+1) - 1 forwards (see the module docstring)."""
-    return sample(model, context, num_frames, latent_shape, cfg, bank, order="block_first", **kw)
-
-
-def step_first(model, context, num_frames, latent_shape, cfg, bank, **kw) -> torch.Tensor:
-    """HiAR order; S(2N-1) forwards, S*N with context_level "current" (see the module docstring)."""
-    return sample(model, context, num_frames, latent_shape, cfg, bank, order="step_first", **kw)
-
-
-def hybrid(model, context, num_frames, latent_shape, cfg, bank, **kw) -> torch.Tensor:
-    """First cfg.hybrid_steps steps block-first, the rest step-first (see the module docstring)."""
-    return sample(model, context, num_frames, latent_shape, cfg, bank, order="hybrid", **kw)

@@ -182,7 +182,7 @@ def _parse(argv=None):
     p.add_argument("--frames-per-block", type=int, default=3)
     p.add_argument("--latent", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="latent channels and size (default: 16 60 104 with --checkpoint, 4 4 4 with --toy)")
-    p.add_argument("--steps", type=float, nargs="+", default=[1000, 750, 500, 250])
+    p.add_argument("--steps", type=float, nargs="+", default=SamplerConfig().steps)
     p.add_argument("--window", type=int, default=21, help="rolling window in latent frames (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="noise bank seed")
     p.add_argument("--fuse", action="store_true", help="fuse each cache write into the next block's denoise")

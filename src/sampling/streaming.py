@@ -39,7 +39,7 @@ class StreamedBlock:
 
 
 def stream(model, context: torch.Tensor | Mapping[int, torch.Tensor], num_frames: int, latent_shape: Sequence[int],
-           cfg: SamplerConfig, bank: NoiseBank, *, order: str = "step_first", codec: StreamingCodec | None = None,
+           cfg: SamplerConfig, bank: NoiseBank, *, order: str | None = None, codec: StreamingCodec | None = None,
            progress: Callable[[int, int], None] | None = None) -> Iterator[StreamedBlock]:
     """Yield each block as soon as it is final, decoded with the codec's streaming decoder when one is given."""
     decoder = codec.streaming_decoder() if codec is not None else None

@@ -130,9 +130,6 @@ class DistillTask(L.LightningModule):
         # the run stops (a few come from mean|x - real| = 0 samples, a broken teacher or critic gives all of them)
         nonfinite = {"max_consecutive_skips": 3, "dmd_max_fraction": 0.01, **(plain(nonfinite) if nonfinite else {})}
         sampler = plain(sampler)
-        order = sampler.pop("order", "step_first")
-        if order not in ROLLOUT_ORDERS:
-            raise ValueError(f"sampler.order must be one of {ROLLOUT_ORDERS}, got {order!r}")
         if fkl["attention"] not in FKL_ATTENTION:
             raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
         if teacher_dtype not in ("float32", "bfloat16", "float16"):
@@ -144,7 +141,6 @@ class DistillTask(L.LightningModule):
         self.save_hyperparameters({
             "world": world, "sampler": sampler, "generator_init": generator_init,
             "generator_init_which": generator_init_which, "export_dir": export_dir,
-            "order": order,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
             "nonfinite": nonfinite, "activation_checkpointing": bool(activation_checkpointing),
@@ -154,6 +150,9 @@ class DistillTask(L.LightningModule):
         self.strict_loading = False  # the frozen teacher is not stored in our checkpoints (on_load_checkpoint checks)
         self.unsaved_groups = ("teacher",)
         self.sampler_cfg = SamplerConfig(**sampler)
+        if self.sampler_cfg.order not in ROLLOUT_ORDERS:
+            raise ValueError(f"sampler.order must be one of {ROLLOUT_ORDERS} for a training rollout, "
+                             f"got {self.sampler_cfg.order!r}")
         if num_frames % self.sampler_cfg.frames_per_block:
             raise ValueError(f"num_frames={num_frames} is not a multiple of frames_per_block")
         if not 0 <= min_exit_step < self.sampler_cfg.num_steps:
@@ -207,10 +206,10 @@ class DistillTask(L.LightningModule):
 
     def rollout(self, model: WanDiT, context: torch.Tensor, exit_step: int | None, purpose: str,
                 positions: list[int] | None = None) -> torch.Tensor:
-        """The generator's own video, x0 at the exit step, via the sampler schedule of `order`."""
+        """The generator's own video, x0 at the exit step, in the sampler's order (its rollout schedule)."""
         bank = SampleNoise(self.sample_seeds(purpose, positions, context.shape[0]))
         return sample(model, context, self.hparams.num_frames, self.latent_shape, self.sampler_cfg, bank,
-                      order=self.hparams.order, exit_step=exit_step)
+                      exit_step=exit_step)
 
     def noisy(self, x: torch.Tensor, purpose: str, positions: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -457,9 +456,10 @@ class DistillTask(L.LightningModule):
         return self.generator if self.ema is None else self.ema.module(self.generator, self.device)
 
     @torch.no_grad()
-    def sample_videos(self, prompts: list[str], num_frames: int, seed: int, order: str = "step_first") -> torch.Tensor:
-        """The drift callback's protocol: pixels [B, T, 3, H, W] in [-1, 1] from the EMA generator (if started)."""
+    def sample_videos(self, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
+        """The drift callback's protocol: pixels [B, T, 3, H, W] in [-1, 1] from the EMA generator (if started),
+        sampled in the order the student is trained in (block-first for Self-Forcing)."""
         cond, _ = self.encode_text(prompts)
         latents = sample(self.sampling_model(), cond, num_frames, self.latent_shape, self.sampler_cfg,
-                         NoiseBank(seed), order=order)
+                         NoiseBank(seed))
         return self.codec.decode(latents)

@@ -134,8 +134,8 @@ def test_schedule_model_counts_and_unit_costs():
     cfg, n_blocks, s = SamplerConfig(window=None), 7, 4
     unit = ScheduleModel(ForwardCost(1.0, 0.0, 0.0), cfg, n_blocks)
     bf, sf = unit.predict("block_first"), unit.predict("step_first")
-    assert bf.forwards == forward_count("block_first", cfg, n_blocks) and bf.total_s == bf.forwards
-    assert sf.forwards == forward_count("step_first", cfg, n_blocks) and sf.total_s == sf.forwards
+    assert bf.forwards == forward_count(cfg.with_order("block_first"), n_blocks) and bf.total_s == bf.forwards
+    assert sf.forwards == forward_count(cfg.with_order("step_first"), n_blocks) and sf.total_s == sf.forwards
     assert bf.first_block_s == s and sf.first_block_s == (s - 1) * (2 * n_blocks - 1) + 1
     assert unit.predict("pipelined", 1).total_s == sf.total_s
     assert unit.predict("pipelined", s).total_s == 2 * n_blocks - 1 + s - 1  # DAC: writes overlap the next stage

@@ -75,7 +75,7 @@ def test_forward_and_token_counts(tiny_model, ctx, order, options, expected):
     counter = ForwardCounter(tiny_model)
     out = sample(counter, ctx, 9, LATENT, cfg, NoiseBank(0), order=order)
     assert out.shape == (1, 9, *LATENT)
-    assert counter.forwards == expected == forward_count(order, cfg, 3)
+    assert counter.forwards == expected == forward_count(cfg.with_order(order), 3)
     assert counter.tokens == expected * 3 * TPF
 
 
@@ -165,7 +165,7 @@ def test_prompt_switch_recaches_window_under_new_prompt(tiny_model, ctx):
     cfg = SamplerConfig(steps=[1000, 500], window=6)
     rec = Snapshot(tiny_model)
     out = sample(rec, {0: ctx, 3: other}, 12, LATENT, cfg, NoiseBank(0), order="block_first")
-    assert rec.forwards == forward_count("block_first", cfg, 4) + 1  # one recache forward
+    assert rec.forwards == forward_count(cfg.with_order("block_first"), 4) + 1  # one recache forward
     assert rec.frames == [3, 4, 5, 6, 7, 8]
     fresh = tiny_model.new_cache(window=6)
     for n in (1, 2):  # a fresh block-by-block pass over those frames (clean x0 at t = 0) under the new prompt
@@ -176,7 +176,7 @@ def test_prompt_switch_recaches_window_under_new_prompt(tiny_model, ctx):
     counter = ForwardCounter(tiny_model)
     switched = sample(counter, {0: ctx, 2: other}, 12, LATENT, cfg, NoiseBank(0))
     plain = sample(tiny_model, ctx, 12, LATENT, cfg, NoiseBank(0))
-    assert counter.forwards == forward_count("step_first", cfg, 4) + 2
+    assert counter.forwards == forward_count(cfg.with_order("step_first"), 4) + 2
     assert torch.equal(switched[:, :6], plain[:, :6]) and not torch.allclose(switched[:, 6:], plain[:, 6:])
 
 
@@ -191,7 +191,7 @@ def test_exit_step_rollout_grad_only_through_exit_forwards(tiny_config, ctx, ord
     assert out.shape == (1, 9, *LATENT) and out.requires_grad
     grad_calls = [c for c in rec.calls if c["grad"]]
     assert len(grad_calls) == 3 and not any(c["write"] for c in grad_calls)
-    assert rec.forwards == forward_count(order, cfg, 3, exit_step=1)
+    assert rec.forwards == forward_count(cfg.with_order(order), 3, exit_step=1)
     out.square().mean().backward()
     assert model.head.head.weight.grad is not None
     with torch.no_grad():
