@@ -14,7 +14,7 @@ from src.models.wan import WanConfig, WanDiT
 from src.video_io import pixel_format, read_video
 from src.worlds.toy.data import write_shards
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 # a tiny DiT for the toy world's latents (12 x 8 x 8) and text (16 x 64)
 TOY_TINY = WanConfig(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=1, in_dim=12, out_dim=12, text_len=16,

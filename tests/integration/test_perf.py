@@ -66,7 +66,7 @@ def test_flops_formula():
 def test_gpu_check_smoke(tmp_path):
     """`make gpu-check`'s code path on CPU: bench-gpu, the attention modes with their useful TFLOP/s, and the DMD part
     (the estimator's functions, or a recorded reason why they are unavailable), in one JSON."""
-    from src import gpu_check
+    from src.perf import check as gpu_check
 
     torch.set_num_threads(1)
     report = gpu_check.main(["--smoke", "--out", str(tmp_path), "--skip", "compile"])

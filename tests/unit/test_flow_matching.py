@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from src import schedule
+from src import flow_matching as schedule
 
 
 def test_warped_four_step_list():
