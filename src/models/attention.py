@@ -179,6 +179,16 @@ class FlexRecompileLimit(RuntimeError):
     """Compiled flex_attention met more distinct shapes than FLEX_RECOMPILE_LIMIT (never a silent eager fallback)."""
 
 
+def _flex_limits() -> dict:
+    """Dynamo settings for the compiled flex call (torch >= 2.7 names; 2.6 and older called the limit
+    cache_size_limit and had no hard failure, where fullgraph=True makes the limit an error)."""
+    config = torch._dynamo.config
+    limits = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": FLEX_RECOMPILE_LIMIT}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        limits["fail_on_recompile_limit_hit"] = True
+    return limits
+
+
 def flex(q, k, v, block_mask):
     """flex_attention on [B, L, H, D] tensors, compiled where FLEX_COMPILE_BACKENDS says."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -190,7 +200,7 @@ def flex(q, k, v, block_mask):
         fn = _compiled_flex[q.device.type] = torch.compile(flex_attention, backend=backend, dynamic=False,
                                                            fullgraph=True)
     try:
-        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**_flex_limits()):
             return fn(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise FlexRecompileLimit(
