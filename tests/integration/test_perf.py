@@ -112,6 +112,25 @@ def test_gpu_check_smoke_within_its_budget(tmp_path):
     assert len(list(tmp_path.iterdir())) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in tmp_path.iterdir())
 
 
+def test_gpu_check_smoke_compiled_wavefront_vae(tmp_path):
+    """The later parts' code path (the 60 s smoke reaches them only on a quiet machine): compile_blocks (eager backend),
+    the four samplers compiled, the wavefront, end to end with the VAE."""
+    done = subprocess.run([*CHECK, "--skip", "dit", "dmd", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert "dit.6.step_first" not in results and "dmd.peak_memory" not in results
+    for key in ("compiled.compile", "compiled.6.step_first", "compiled.6.block_first_fused", "wavefront.6",
+                "vae.6.block_first_fused"):
+        assert key in results and "error" not in results[key], (key, results.get(key))
+    compiled = results["compiled.compile"]
+    if "skipped" not in compiled:  # eager backend: no inductor artifacts to save, and it says so
+        assert compiled["compile_s"] > 0 and compiled["compile_cache"]["saved"] is False
+    for key in ("compiled.6.block_first_fused", "wavefront.6"):
+        if "skipped" not in results[key]:
+            assert results[key]["forwards"] == results[key]["expected_forwards"]
+
+
 def test_gpu_check_killed_midway_leaves_valid_json(tmp_path):
     """A kill at any moment leaves the results so far: the JSON is rewritten atomically after each one."""
     proc = subprocess.Popen([*CHECK, "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
