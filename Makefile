@@ -35,6 +35,7 @@ lint: setup
 bench: setup
 	$(PY) -m src.perf cpu --out experiments/bench/cpu.json
 	$(PY) -m src.perf cpu --throughput --throughput-out experiments/bench/throughput.json
+	$(PY) -m src.perf cpu --fused-writes --fused-out experiments/bench/fused_writes.json
 
 # BENCH_GPU_ARGS: e.g. "--smoke --dtype bfloat16" checks the bf16 code path on CPU
 BENCH_GPU_ARGS ?=
