@@ -1,15 +1,17 @@
 # Set-up is part of every target: a fresh machine needs only `make demo` or `make test`.
-# TORCH_SPEC picks the torch build: the default takes the CPU wheel on CPU-only machines here;
-# elsewhere e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# TORCH_SPEC picks the torch build. pip takes torch==2.13.0 from the first place that has it: on these project machines
+# a local CPU wheel (pip's find-links); from the public index it is the default CUDA 13 build (needs an NVIDIA driver
+# >= 580, and brings the CUDA libraries). Name the build you want: a CPU wheel with
+# `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`, CUDA 12.8 with .../whl/cu128.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,deepspeed
+EXTRAS     ?= dev,deepspeed,video,plots,wandb
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint bench bench-gpu gpu-check eval vbench-env
+.PHONY: setup demo test lint bench bench-gpu gpu-check wheelhouse eval vbench-env
 
 setup: $(STAMP)
 
@@ -33,16 +35,41 @@ lint: setup
 bench: setup
 	$(PY) -m src.perf cpu --out experiments/bench/cpu.json
 	$(PY) -m src.perf cpu --throughput --throughput-out experiments/bench/throughput.json
+	$(PY) -m src.perf cpu --fused-writes --fused-out experiments/bench/fused_writes.json
 
 # BENCH_GPU_ARGS: e.g. "--smoke --dtype bfloat16" checks the bf16 code path on CPU
 BENCH_GPU_ARGS ?=
 bench-gpu: setup
 	$(PY) -m src.perf gpu --out experiments/bench $(BENCH_GPU_ARGS)
 
-# The prepared first GPU run (< 8 min on one H100/H200): bench-gpu eager + compiled, a 1.3B DMD iteration against the
-# estimator, attention TFLOP/s per mode -> experiments/bench/gpu_check_<device>.json. `--smoke` checks it on CPU.
-gpu-check: setup
-	$(PY) -m src.perf check --out experiments/bench
+# The prepared first GPU run: `python -m src.perf check`, budgeted (CHECK_BUDGET_S, default 420 s) and incremental:
+# OUT/gpu_check.json is rewritten after every result (src/perf/check.py). On a GPU node without network and without
+# this project's venv: `make gpu-check PYTHON=python3 WHEELHOUSE=wheelhouse OUT=<dir>` uses that interpreter's torch,
+# keeps every package it has inside pyproject's ranges and installs the rest from the wheelhouse with --no-index into
+# $(NODE_DEPS) (src/perf/offline.py). Without WHEELHOUSE it runs in the project venv (`make setup`).
+OUT            ?= gpu-check-out
+NODE_DEPS      ?= .gpu-check-deps
+CHECK_BUDGET_S ?= 420
+CHECK_ARGS     ?=
+NODE_PATH      := $(abspath $(NODE_DEPS))$${PYTHONPATH:+:$$PYTHONPATH}
+gpu-check:
+ifdef WHEELHOUSE
+	PYTHONPATH=$(NODE_PATH) $(PYTHON) src/perf/offline.py install --wheelhouse $(WHEELHOUSE) --target $(NODE_DEPS)
+	PYTHONPATH=$(NODE_PATH) $(PYTHON) -m src.perf check --out $(OUT) --budget-s $(CHECK_BUDGET_S) $(CHECK_ARGS)
+else
+	$(MAKE) setup
+	$(PY) -m src.perf check --out $(OUT) --budget-s $(CHECK_BUDGET_S) $(CHECK_ARGS)
+endif
+
+# Every non-torch wheel the project needs on the GPU node (CPython WHEELHOUSE_PYTHON, manylinux x86_64), resolved as
+# pip would there, into $(WHEELHOUSE_DIR) (< 40 MiB; antlr4 4.9.3 built from its sdist). Needs the package index, not
+# the venv. WHEELHOUSE_PROVIDED: packages the node has, left out to keep the folder small (empty: everything).
+WHEELHOUSE_DIR      ?= wheelhouse
+WHEELHOUSE_PYTHON   ?= 3.12
+WHEELHOUSE_PROVIDED ?= numpy transformers tokenizers
+wheelhouse:
+	$(PYTHON) src/perf/offline.py wheelhouse --out $(WHEELHOUSE_DIR) --python-version $(WHEELHOUSE_PYTHON) \
+		--provided $(WHEELHOUSE_PROVIDED)
 
 # Evaluation report (evaluation/run.py, conf/eval.yaml): `make eval EVAL_ARGS="videos_dir=DIR"`; with no videos_dir the
 # toy world evaluates its procedural ground truth. Output under logs/eval/runs/<time>/ (report.md, report.json, plots/).

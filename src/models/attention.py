@@ -34,8 +34,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 # --------------------------------------------------------------------------------------------- attention kernels
 
-# On CUDA, SDPA tries these in order (cuDNN is the fastest for head_dim 128 on Hopper; flash refuses float32).
-SDPA_CUDA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+# SDPA's CUDA backends in priority order. Hopper: cuDNN first (the fastest for head_dim 128 there); elsewhere flash.
+SDPA_HOPPER_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+SDPA_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 @functools.lru_cache(maxsize=16)
@@ -43,15 +44,26 @@ def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
+@functools.lru_cache(maxsize=1)
+def _cudnn_attention_available() -> bool:
+    """cuDNN's fused attention needs cuDNN 9 and SDPA's cuDNN backend enabled."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and (torch.backends.cudnn.version() or 0) >= 90000
+
+
 def attention_kernel(q: torch.Tensor) -> str:
     """The one kernel choice point: what ``attention`` runs for inputs like q.
 
-    'fa3' (``flash_attn_interface``, Hopper, fp16/bf16) > 'fa2' (``flash_attn``, fp16/bf16) > 'sdpa-cuda' (SDPA
-    restricted to cuDNN / flash / memory-efficient, in that order) on CUDA; 'sdpa' elsewhere."""
+    CUDA, fp16/bf16, Hopper: 'fa3' (``flash_attn_interface``) > 'sdpa-cudnn' (SDPA with cuDNN first) > 'fa2'
+    (``flash_attn``) > 'sdpa-cuda'; other CUDA GPUs: 'fa2' > 'sdpa-cuda' (SDPA: flash, cuDNN, memory-efficient, in
+    that order); float32 on CUDA: 'sdpa-cuda'; 'sdpa' elsewhere. Which SDPA backend actually ran is read from the
+    profiler by the GPU check (src/perf/check.py)."""
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
-            if fa3_func is not None and _is_hopper(q.device):
+            hopper = _is_hopper(q.device)
+            if hopper and fa3_func is not None:
                 return "fa3"
+            if hopper and _cudnn_attention_available():
+                return "sdpa-cudnn"
             if fa2_func is not None:
                 return "fa2"
         return "sdpa-cuda"
@@ -74,14 +86,40 @@ def attention(q, k, v) -> torch.Tensor:
     if kernel == "fa2":
         return fa2_func(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kernel == "sdpa-cuda":
-        with sdpa_kernel(SDPA_CUDA_BACKENDS, set_priority=True):
+    if kernel != "sdpa":
+        with sdpa_kernel(SDPA_HOPPER_BACKENDS if kernel == "sdpa-cudnn" else SDPA_CUDA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
     return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
 
 
+# SDPA's fused CUDA kernels that also return the log-sum-exp (aten ops, [B, H, L, D] layout), by backend name.
+def _cudnn_lse(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+
+
+def _flash_lse(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+
+
+def _efficient_lse(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+
+
+CUDA_LSE_KERNELS = {"cudnn": _cudnn_lse, "flash": _flash_lse, "efficient": _efficient_lse}
+_cuda_lse_choice: dict[tuple, str | None] = {}  # (kernel choice, dtype, head_dim) -> the first LSE kernel that ran
+
+
+def cuda_lse_order(kernel: str, dtype: torch.dtype) -> list[str]:
+    """The SDPA kernels tried for out + LSE on CUDA, fastest first (flash refuses float32)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ["efficient"]
+    return ["cudnn", "flash", "efficient"] if kernel == "sdpa-cudnn" else ["flash", "cudnn", "efficient"]
+
+
 def attention_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(out [B, Lq, H, D], log-sum-exp [B, H, Lq] float32) without grad, or None where no kernel returns it."""
+    """(out [B, Lq, H, D], log-sum-exp [B, H, Lq] float32) without grad, from the attention kernel itself: FA3/FA2,
+    SDPA's cuDNN / flash / memory-efficient kernels on CUDA (the first that runs for these inputs, remembered), the
+    CPU flash kernel; None where none returns it."""
     kernel = attention_kernel(q)
     if kernel == "fa3":
         try:
@@ -92,10 +130,25 @@ def attention_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor] | None:
     if kernel == "fa2":
         out, lse, _ = fa2_func(q, k, v, return_attn_probs=True)
         return out, lse.float()
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
         return out.transpose(1, 2), lse.float()
+    if not q.is_cuda:
+        return None
+    key = (kernel, q.dtype, q.shape[-1])
+    order = cuda_lse_order(kernel, q.dtype)
+    if key in _cuda_lse_choice:
+        order = [_cuda_lse_choice[key]] if _cuda_lse_choice[key] else []
+    for name in order:
+        try:
+            out, lse = CUDA_LSE_KERNELS[name](qt, kt, vt)
+        except (RuntimeError, NotImplementedError, TypeError):  # this kernel refuses these inputs: try the next
+            continue
+        _cuda_lse_choice[key] = name
+        b, h, lq = qt.shape[:3]
+        return out.transpose(1, 2), lse.float().reshape(b, h, -1)[..., :lq]  # efficient pads Lq to 32
+    _cuda_lse_choice[key] = None
     return None
 
 
@@ -113,18 +166,46 @@ def attend_pieces(q, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
     return attention(q, torch.cat([k for k, _ in pieces], 1), torch.cat([v for _, v in pieces], 1))
 
 
-_compiled_flex = None
+# How flex_attention runs per device type: a torch.compile backend, or None for eager flex (the unfused reference
+# path: fine on CPU, and never used on CUDA, where it would materialise the score matrix). Compiled with static shapes
+# and fullgraph: one graph per (query length, key length) -- ChunkAttention pads cached keys to the slab, so a chunk
+# length has one shape -- and a hit of FLEX_RECOMPILE_LIMIT raises FlexRecompileLimit instead of running eagerly.
+FLEX_COMPILE_BACKENDS: dict[str, object] = {"cuda": "inductor"}
+FLEX_RECOMPILE_LIMIT = 16
+_compiled_flex: dict[str, object] = {}
+
+
+class FlexRecompileLimit(RuntimeError):
+    """Compiled flex_attention met more distinct shapes than FLEX_RECOMPILE_LIMIT (never a silent eager fallback)."""
+
+
+def _flex_limits() -> dict:
+    """Dynamo settings for the compiled flex call (torch >= 2.7 names; 2.6 and older called the limit
+    cache_size_limit and had no hard failure, where fullgraph=True makes the limit an error)."""
+    config = torch._dynamo.config
+    limits = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": FLEX_RECOMPILE_LIMIT}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        limits["fail_on_recompile_limit_hit"] = True
+    return limits
 
 
 def flex(q, k, v, block_mask):
-    """flex_attention on [B, L, H, D] tensors; compiled on CUDA (eager flex is an unfused reference path)."""
-    global _compiled_flex
-    fn = flex_attention
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
-    return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask).transpose(1, 2)
+    """flex_attention on [B, L, H, D] tensors, compiled where FLEX_COMPILE_BACKENDS says."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    backend = FLEX_COMPILE_BACKENDS.get(q.device.type)
+    if backend is None:
+        return flex_attention(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+    fn = _compiled_flex.get(q.device.type)
+    if fn is None:
+        fn = _compiled_flex[q.device.type] = torch.compile(flex_attention, backend=backend, dynamic=False,
+                                                           fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(**_flex_limits()):
+            return fn(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise FlexRecompileLimit(
+            f"compiled flex_attention hit its recompile limit ({FLEX_RECOMPILE_LIMIT} shapes) at q {tuple(qt.shape)}, "
+            f"k {tuple(kt.shape)}: more distinct chunk lengths than expected") from e
 
 
 FLEX_BLOCK = 128
@@ -227,6 +308,9 @@ class ChunkAttention:
                     cache.pinned = True
                     self.read_versions = self._versions()
         self.num_keys = len(key_frames) * tpf
+        # flex passes over the cache see the whole slab (masked tiles past the keys cost nothing): one key length per
+        # cache, so compiled flex has one graph per chunk length (FLEX_COMPILE_BACKENDS)
+        self.flex_key_frames = cache.capacity if self.mode == "in_place" else len(key_frames)
         iso = set(range(chunk_pos, chunk_pos + isolated))
         self.visible = []  # per query frame: visibility over key positions (frames)
         self.groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # (q_lo, q_hi, key runs), in frames
@@ -255,15 +339,18 @@ class ChunkAttention:
             cache.text_kv[layer] = tuple(t.detach() for t in cross_attn.text_kv(text))
         return cache.text_kv[layer]
 
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key/value tensors this forward attends over (writing the chunk's keys where the plan says)."""
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key/value tensors this forward attends over (writing the chunk's keys where the plan says); ``padded``:
+        the whole slab in place (``flex_key_frames``)."""
         cache, tpf = self.cache, self.tpf
         if self.mode == "chunk":
             return k, v
         if self.mode == "in_place":
             cache.write_slots(layer, self.start, k, v)
             keys, values = cache.slabs(layer, k)
-            return keys[:, : self.num_keys], values[:, : self.num_keys]
+            n = self.flex_key_frames * tpf if padded else self.num_keys
+            return keys[:, :n], values[:, :n]
         if self.grad and self.read_slots and self._versions() != self.read_versions:
             raise CacheChanged("the KV cache slots this forward read were overwritten before its checkpointed "
                                "recompute; run the backward before further cache writes (or disable checkpointing)")
@@ -283,7 +370,8 @@ class ChunkAttention:
         """q, k, v [B, n*tpf, H, D] of the chunk (RoPE applied) -> attention output [B, n*tpf, H, D]."""
         dtype = attention_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        keys, values = self.keys_values(layer, k, v)
+        use_flex = self.backend != "dense" and len(self.groups) > 1 and (self.backend == "flex" or q.is_cuda)
+        keys, values = self.keys_values(layer, k, v, padded=use_flex)
         tpf = self.tpf
         if self.backend == "dense":
             mask = torch.tensor(self.visible, dtype=torch.bool, device=q.device)
@@ -291,9 +379,10 @@ class ChunkAttention:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                                  attn_mask=mask)
             return out.transpose(1, 2)
-        if len(self.groups) > 1 and (self.backend == "flex" or q.is_cuda):
+        if use_flex:
             if self._block_mask is None:  # one per geometry, shared by every layer and every later forward
-                self._block_mask = _cached_block_mask(tuple(map(tuple, self.visible)), tpf, q.device)
+                pad = (False,) * (self.flex_key_frames - len(self.visible[0]))
+                self._block_mask = _cached_block_mask(tuple(tuple(r) + pad for r in self.visible), tpf, q.device)
             return flex(q, keys, values, self._block_mask)
         outs = []
         for q_lo, q_hi, runs in self.groups:

@@ -20,8 +20,10 @@ class KVCache:
     frames 0 .. sink-1 live in slots 0 .. sink-1; every other frame f in slot f - base (the rolling offset). The cached
     frames are the sink frames written so far plus one contiguous run [run_start, run_end). When a chunk does not fit
     after the run, the frames it may still see are moved to just after the sinks (a copy of at most ``window`` frames,
-    amortised over ``window`` written frames); the slab grows only while no window bounds it. Keys are stored after RoPE
-    at their absolute frame positions, so a block's visible frames are one contiguous slot range (two with sinks).
+    amortised over the slots beyond what a forward needs); the slab grows only while no window bounds it. ``slots``
+    (``schedule_slots``): the slab's size when the schedule knows its widest forward; otherwise sink + 2 * window.
+    Keys are stored after RoPE at their absolute frame positions, so a block's visible frames are one contiguous slot
+    range (two with sinks).
 
     A write overwrites frames it already holds; with a rolling ``window`` of W frames (plus ``sink`` first frames
     that are never evicted) frames older than ``latest_end - W`` are evicted. Cross-attention keys/values are computed
@@ -29,13 +31,17 @@ class KVCache:
     the versions it read, and its checkpointed recompute raises ``CacheChanged`` instead of using other values.
     """
 
-    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, frames: int | None = None):
+    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, frames: int | None = None,
+                 slots: int | None = None):
         if window is not None and window <= 0:
             raise ValueError("window must be a positive number of frames or None")
         if sink < 0:
             raise ValueError("sink must be >= 0")
         self.num_layers, self.window, self.sink = num_layers, window, sink
         self.max_frames = frames  # the video's length when known: the slabs never need more slots
+        if slots is not None and slots < max(sink, 1):
+            raise ValueError(f"slots must hold at least the sink frames and one more, got {slots}")
+        self.slots = slots  # the slab's frame slots when the schedule knows them (schedule_slots); else grown lazily
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = 0  # slots (frames) of the slabs; they are (re)allocated to it lazily, per layer
@@ -84,6 +90,8 @@ class KVCache:
     def _ensure_capacity(self, slots: int):
         if slots > self.capacity:
             grown = max(2 * self.capacity, self.sink + 2 * (self.window or 0))
+            if self.slots is not None and self.capacity < self.slots:  # first allocation: what the schedule needs
+                grown = self.slots
             self.capacity = max(slots, min(grown, self.max_frames or grown))
             self.slot_version += [0] * (self.capacity - len(self.slot_version))
 
@@ -199,6 +207,16 @@ class KVCache:
                 for slot in range(s, s + j - i):
                     self.slot_version[slot] += 1
             i = j
+
+
+def schedule_slots(window: int | None, sink: int, chunk_frames: int, frames_per_block: int) -> int | None:
+    """Frame slots a cache needs when every forward is a chunk of at most ``chunk_frames`` frames whose first block has
+    ``frames_per_block``: the sinks plus the widest span one forward reads and writes -- the window its first block
+    still sees before the chunk, and the chunk (24 at window 21 for a fused [n-1, n] chunk of 3-frame blocks, 21
+    unfused). None without a window (the slab grows with the video)."""
+    if window is None:
+        return None
+    return sink + window - frames_per_block + max(chunk_frames, frames_per_block)
 
 
 def frame_runs(positions: list[int]) -> list[tuple[int, int]]:

@@ -9,6 +9,8 @@
   threads, compile off and on (this tree only), by experiments/bench/throughput.py in subprocesses, in ``--rounds``
   interleaved before/after rounds (median of the per-round ratios) -> experiments/bench/throughput.json. Run it under
   ``flock /tmp/hiar-cpu.lock`` on a shared machine.
+* ``--fused-writes``: unfused vs fused cache writes (``SamplerConfig.fuse_writes``), block-first and step-first at 21
+  and 81 frames, forwards and seconds in interleaved rounds -> experiments/bench/fused_writes.json.
 """
 
 from __future__ import annotations
@@ -136,6 +138,37 @@ def bench_throughput(before_commit: str, threads: tuple[int, ...] = (1, 2), roun
                       "/tmp/hiar-cpu.lock on a 2-core machine shared with other jobs (outliers remain possible)"}
 
 
+FUSED_VARIANTS = {f"{order}{suffix}": (order, {"fuse_writes": fuse}) for order in ("block_first", "step_first")
+                  for suffix, fuse in (("", False), ("_fused", True))}
+
+
+def bench_fused_writes(preset: str = "wan-small", frames: tuple[int, ...] = (21, 81), rounds: int = 3,
+                       threads: int = 2) -> dict:
+    """Unfused vs fused cache writes (SamplerConfig.fuse_writes), block-first and step-first, same model and noise:
+    forwards (counted) and wall time; ``rounds`` interleaved rounds, a point's speed-up the median per-round ratio."""
+    torch.set_num_threads(threads)
+    cfg, latent = PRESETS[preset]
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval()
+    runs = {f: [bench_samplers(model, latent, f, variants=FUSED_VARIANTS) for _ in range(rounds)] for f in frames}
+    out = {}
+    for f, per_round in runs.items():
+        for order in ("block_first", "step_first"):
+            plain, fused = order, f"{order}_fused"
+            ratios = [r[plain]["total_s"] / r[fused]["total_s"] for r in per_round]
+            out[f"{order}/{f}"] = {
+                "forwards": per_round[0][plain]["forwards"], "forwards_fused": per_round[0][fused]["forwards"],
+                "tokens": per_round[0][plain]["tokens"], "tokens_fused": per_round[0][fused]["tokens"],
+                "seconds": statistics.median(r[plain]["total_s"] for r in per_round),
+                "seconds_fused": statistics.median(r[fused]["total_s"] for r in per_round),
+                "speedup_fused": statistics.median(ratios), "speedup_per_round": ratios}
+    return {"preset": preset, "model": cfg.to_dict(), "latent_shape": list(latent), "threads": threads,
+            "rounds": rounds, "results": out,
+            "timing": "each round runs the four variants back to back (bench_samplers: one generation each, "
+                      "batch 1, default SamplerConfig); taken while holding /tmp/hiar-cpu.lock on a shared 2-core "
+                      "machine"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/bench/cpu.json")
@@ -144,7 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before-commit", default="efd1810")
     parser.add_argument("--throughput-out", default="experiments/bench/throughput.json")
     parser.add_argument("--rounds", type=int, default=3, help="before/after rounds of --throughput (median ratio)")
+    parser.add_argument("--fused-writes", action="store_true", help="only unfused vs fused cache writes")
+    parser.add_argument("--fused-out", default="experiments/bench/fused_writes.json")
     args = parser.parse_args(argv)
+    if args.fused_writes:
+        from src.io import atomic_write_text
+
+        report = bench_fused_writes(rounds=args.rounds, threads=args.threads)
+        report["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
+        atomic_write_text(args.fused_out, json.dumps(report, indent=2))
+        print(json.dumps(report["results"], indent=2))
+        return
     if args.throughput:
         from src.io import atomic_write_text
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +40,11 @@ from src.worlds.wan.vae import WAN21_VAE_CONFIG, WanVAE
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_PRESET = ROOT / "conf" / "model" / "wan2.1-t2v-1.3b.yaml"
-SAMPLERS = ("block_first", "step_first", "wavefront")
+# name -> (order, fuse_writes); "wavefront" is src/sampling/wavefront.py (always fused, one batched forward per tick)
+SAMPLER_VARIANTS = {"block_first": ("block_first", False), "step_first": ("step_first", False),
+                    "block_first_fused": ("block_first", True), "step_first_fused": ("step_first", True),
+                    "wavefront": ("wavefront", True)}
+SAMPLERS = tuple(SAMPLER_VARIANTS)
 NO_GPU = "needs a CUDA GPU; use --smoke on CPU to check the code path"
 
 FULL = {"latent_shape": (16, 60, 104), "frames": (21, 81), "dtype": "bfloat16", "vae": WAN21_VAE_CONFIG}
@@ -50,6 +55,14 @@ SMOKE = {
     "dtype": "float32",
     "vae": dict(WAN21_VAE_CONFIG, base_dim=8),
 }
+
+# Wan2.1's VAE turns 1 + k latent frames into 1 + 4k pixel frames (WanVAE.num_pixel_frames), counted without a VAE
+WAN_TEMPORAL_COMPRESSION = 2 ** sum(WAN21_VAE_CONFIG["temperal_downsample"])
+
+
+def pixel_frame_count(num_latent_frames: int) -> int:
+    return 1 + WAN_TEMPORAL_COMPRESSION * (num_latent_frames - 1)
+
 
 FLOPS_FORMULA = (
     "per DiT forward with B batch rows of Lq query tokens each, Lk self-attention keys per row (cached frames + the "
@@ -128,20 +141,27 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def variant_config(sampler: str, cfg: SamplerConfig) -> SamplerConfig:
+    """``cfg`` under a SAMPLER_VARIANTS entry's order and fuse_writes (the wavefront keeps cfg's order)."""
+    order, fuse = SAMPLER_VARIANTS[sampler]
+    return replace(cfg.with_order(None if order == "wavefront" else order), fuse_writes=fuse)
+
+
 def final_blocks(sampler: str, model: WanDiT, context: torch.Tensor, num_frames: int, latent_shape: Sequence[int],
                  cfg: SamplerConfig, seed: int, counter: ForwardCounter) -> Iterator[tuple[int, torch.Tensor]]:
     """(block, x0) as each block becomes final; block-/step-first see the model through ``counter``."""
     bank = NoiseBank(seed)
     if sampler == "wavefront":
         return wavefront_blocks(model, context, num_frames, latent_shape, cfg, bank)
-    return generate_blocks(counter, context, num_frames, latent_shape, cfg, bank, order=sampler)
+    return generate_blocks(counter, context, num_frames, latent_shape, variant_config(sampler, cfg), bank)
 
 
 def expected_forwards(sampler: str, cfg: SamplerConfig, num_blocks: int) -> int:
-    """forward_count for block-/step-first; N + S - 1 batched forwards (one per tick) for the wavefront."""
+    """forward_count for block-/step-first (fused or not); N + S - 1 batched forwards (one per tick) for the
+    wavefront."""
     if sampler == "wavefront":
         return num_blocks + cfg.num_steps - 1
-    return forward_count(cfg.with_order(sampler), num_blocks)
+    return forward_count(variant_config(sampler, cfg), num_blocks)
 
 
 @torch.no_grad()
@@ -185,11 +205,11 @@ def timing(run: dict, num_frames: int, pixel_frames: int) -> dict:
     }
 
 
-def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE, context: torch.Tensor, num_frames: int,
+def bench_sampler(sampler: str, model: WanDiT, codec: WanVAE | None, context: torch.Tensor, num_frames: int,
                   latent_shape: Sequence[int], cfg: SamplerConfig, seed: int, peak_tflops: float,
                   end_to_end: bool = True) -> dict:
     """The DiT-only run and (unless ``end_to_end`` is off) the end-to-end run of one sampler at one length."""
-    pixel_frames = codec.num_pixel_frames(num_frames)
+    pixel_frames = pixel_frame_count(num_frames)
     num_blocks = num_frames // cfg.frames_per_block
     dit = timed_run(sampler, model, context, num_frames, latent_shape, cfg, seed, None)
     e2e = timed_run(sampler, model, context, num_frames, latent_shape, cfg, seed, codec) if end_to_end else None

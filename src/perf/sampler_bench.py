@@ -33,8 +33,8 @@ class ForwardCounter:
         self.forwards = 0
         self.tokens = 0
 
-    def new_cache(self, window=None, sink=0, frames=None):
-        return self.model.new_cache(window=window, sink=sink, frames=frames)
+    def new_cache(self, **kwargs):
+        return self.model.new_cache(**kwargs)
 
     def __call__(self, x, t, context, **kwargs):
         self.forwards += 1

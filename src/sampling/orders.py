@@ -23,7 +23,17 @@ Orders (hybrid with k first steps block-first is the general case; k = S is bloc
   this coincides with step-first ("next"): step 0 of step-first already sees earlier blocks at t_1.
 
 The last block never writes (nothing reads it). Each forward covers one block: tokens = forwards * f * tokens per
-frame. A prompt switch (``context`` given as {start_block: embeddings}) adds, every time the cache is entered at the
+frame.
+
+Fused writes (``fuse_writes``, one device): a cache write of block n (its clean x0 in block-first, its context at
+t_c in step-first) rides in the next forward of block n+1 instead of a forward of its own -- one forward over the
+chunk [context of n, input of n+1], block-causal, writing the first f frames (``primitive.fused_velocity``, the same
+forward the pipelined sampler and the wavefront fuse with). Block-first then needs **N*S** forwards (108 instead of
+134 at 81 frames), step-first "next"/"clean" **S*N** (context_level "current" already writes inside its denoise), each
+forward twice as long; the outputs equal the unfused ones up to float rounding. A forward with grad never writes the
+cache, so a write that would ride in a grad forward (the exit step of a training rollout) runs on its own.
+
+A prompt switch (``context`` given as {start_block: embeddings}) adds, every time the cache is entered at the
 switching block (once for block-first, once per step for step-first), one recache forward per contiguous run of
 cached frames (1, or 2 when sink frames are not adjacent to the window) over those frames.
 
@@ -50,8 +60,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from src.flow_matching import NUM_TRAIN_TIMESTEPS, add_noise, warp_steps, x0_from_velocity
+from src.models.kv_cache import schedule_slots
 from src.sampling.noise import NoiseBank
-from src.sampling.primitive import denoise_chunk, frame_timesteps, next_input, recache, write_context
+from src.sampling.primitive import denoise_chunk, frame_timesteps, fused_velocity, next_input, recache, write_context
 
 ORDERS = ("block_first", "step_first", "hybrid")
 CONTEXT_LEVELS = ("next", "clean", "current")
@@ -76,6 +87,7 @@ class SamplerConfig:
     renoise: bool = True  # fresh-noise re-noising (False: the deterministic Euler step)
     context_noise: float = 0.0  # timestep of a clean context write
     hybrid_steps: int = 2  # order "hybrid" only: how many first steps run block-first
+    fuse_writes: bool = False  # each cache write rides in the next block's forward (module docstring)
 
     def __post_init__(self):
         self.steps = tuple(float(s) for s in self.steps)
@@ -212,9 +224,12 @@ class Rollout:
         first = self.contexts[0]
         self.block_shape = (first.shape[0], fpb, *latent_shape)
         self.device = first.device
-        self.cache = model.new_cache(window=cfg.window, sink=cfg.sink, frames=num_frames)
+        chunk = (2 if cfg.fuse_writes else 1) * fpb
+        self.cache = model.new_cache(window=cfg.window, sink=cfg.sink, frames=num_frames,
+                                     slots=schedule_slots(cfg.window, cfg.sink, chunk, fpb))
         self.inputs: dict[int, torch.Tensor] = {}
         self.written: dict[int, tuple[torch.Tensor, float]] = {}
+        self.pending: tuple[int, torch.Tensor, float] | None = None  # fuse_writes: a write waiting for block n+1
 
     def input(self, n: int) -> torch.Tensor:
         """Block n's current input; pure noise ("init", 0, n) before its first step."""
@@ -223,6 +238,8 @@ class Rollout:
         return self.bank.noise("init", 0, n, self.block_shape, self.device)
 
     def reset_cache(self):
+        if self.pending is not None:
+            raise RuntimeError(f"block {self.pending[0]}'s fused cache write is still pending at a cache reset")
         self.cache.reset()
         self.written.clear()
 
@@ -250,8 +267,18 @@ class Rollout:
         self.written = {b: v for b, v in self.written.items() if b in kept}
 
     def cell(self, step: int, n: int, x: torch.Tensor, write: bool) -> Cell:
+        grad = step == self.exit_step
+        velocity = None
+        if self.pending is not None and (grad or self.pending[0] != n - 1):
+            self.flush()  # a grad forward never writes the cache
+        if self.pending is not None:  # block n-1's write rides in this forward
+            prev, latents, t = self.pending
+            self.pending = None
+            velocity = fused_velocity(self.model, latents, t, x, self.timesteps[step], self.contexts[n], self.cache,
+                                      n, self.cfg.frames_per_block)
+            self._record(prev, latents, t)
         cell = denoise_cell(self.model, x, step, n, self.contexts[n], self.cache, self.cfg, self.bank, write=write,
-                            grad=step == self.exit_step)
+                            grad=grad, velocity=velocity)
         if cell.written:
             self._record(n, cell.context, cell.context_t)
         if self.progress is not None:
@@ -259,8 +286,21 @@ class Rollout:
         return cell
 
     def write(self, n: int, latents: torch.Tensor, t: float):
+        """Block n's cache write: now, or (fuse_writes) inside block n+1's next forward."""
+        self.flush()
+        if self.cfg.fuse_writes:
+            self.pending = (n, latents, t)
+            return
         write_context(self.model, latents, t, self.contexts[n], self.cache, n * self.cfg.frames_per_block)
         self._record(n, latents, t)
+
+    def flush(self):
+        """Run a pending fused write as a forward of its own (the next forward cannot carry it)."""
+        if self.pending is not None:
+            n, latents, t = self.pending
+            self.pending = None
+            write_context(self.model, latents, t, self.contexts[n], self.cache, n * self.cfg.frames_per_block)
+            self._record(n, latents, t)
 
 
 def _block_first_phase(r: Rollout, num_steps: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -301,12 +341,15 @@ def forward_count(cfg: SamplerConfig, num_blocks: int, exit_step: int | None = N
     """The number of model forwards (each over one block) ``cfg.order`` performs without prompt switches."""
     k, n = cfg.block_first_steps, num_blocks
     steps_run = cfg.num_steps if exit_step is None else exit_step + 1
-    block_first_part = n * min(k, steps_run) + n - 1 if k else 0
+    # block-first writes ride in the next block's first cell (step 0) unless that cell has grad
+    block_first_writes = 0 if cfg.fuse_writes and exit_step != 0 else n - 1
+    block_first_part = n * min(k, steps_run) + block_first_writes if k else 0
     m = max(0, steps_run - k)  # step-first steps
-    if cfg.context_level != "current":
+    grad_step_writes = n - 1 if exit_step is not None and m else 0  # writes beside a grad exit step's denoises
+    if cfg.context_level != "current" and not cfg.fuse_writes:
         writes = m * (n - 1)
     else:  # fused into the denoise forwards, except at a (grad) exit step
-        writes = n - 1 if exit_step is not None and m else 0
+        writes = grad_step_writes
     return block_first_part + m * n + writes
 
 

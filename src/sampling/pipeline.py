@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from src.models.kv_cache import schedule_slots
 from src.sampling.noise import NoiseBank
 from src.sampling.orders import SamplerConfig, denoise_cell, sample
-from src.sampling.primitive import denoise_chunk, write_context
+from src.sampling.primitive import fused_velocity, write_context
 
 LOOKAHEAD = 2  # receives posted ahead of the block being denoised
 
@@ -62,19 +63,6 @@ def stage_cells(steps: range, num_blocks: int) -> list[tuple[int, int]]:
             if 0 <= n < num_blocks:
                 order.append((n, j))
     return order
-
-
-def fused_velocity(model, prefix: torch.Tensor, prefix_t: float, x: torch.Tensor, t: float, context: torch.Tensor,
-                   cache, block: int, frames_per_block: int) -> torch.Tensor:
-    """One forward over [prefix (block n-1's context at prefix_t), x (block n at t)], block-causal, writing only the
-    prefix to the cache; returns block n's velocity (what its own denoise forward would give, up to rounding)."""
-    f = frames_per_block
-    chunk = torch.cat([prefix, x], dim=1)
-    tt = torch.tensor([prefix_t] * prefix.shape[1] + [t] * f, dtype=torch.float32, device=x.device)
-    with torch.no_grad():
-        _, v = denoise_chunk(model, chunk, tt, context, cache=cache, start_frame=(block - 1) * f,
-                             frames_per_block=f, write_cache=prefix.shape[1])
-    return v[:, prefix.shape[1]:]
 
 
 def _sync(device: torch.device):
@@ -108,7 +96,8 @@ def pipeline_blocks(model, context: torch.Tensor, num_frames: int, latent_shape:
     num_blocks, last_step, ts = num_frames // fpb, cfg.num_steps - 1, cfg.timesteps
     block_shape = (context.shape[0], fpb, *latent_shape)
     device = context.device
-    caches = {j: model.new_cache(window=cfg.window, sink=cfg.sink) for j in steps}
+    slots = schedule_slots(cfg.window, cfg.sink, (2 if fuse else 1) * fpb, fpb)
+    caches = {j: model.new_cache(window=cfg.window, sink=cfg.sink, slots=slots) for j in steps}
     local: dict[tuple[int, int], torch.Tensor] = {}  # (step, block) -> input made by this process
     pending: dict[int, tuple[torch.Tensor, float]] = {}  # step -> context of its previous block, unwritten (fuse)
     recvs: dict[int, tuple[torch.Tensor, object]] = {}

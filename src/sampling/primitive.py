@@ -3,7 +3,7 @@
 ``denoise_chunk``: denoise this chunk of frames at these (per-frame) timesteps through this cache, optionally
 writing the cache -- one model forward. Every sampler order (block-first, step-first, hybrid, training rollouts, a
 pipelined sampler) is a schedule of calls to it; ``write_context`` and ``recache`` are the same forward used only
-for its cache write.
+for its cache write, and ``fused_velocity`` is one forward that carries a cache write and the next block's denoise.
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ def write_context(model, x: torch.Tensor, t, context: torch.Tensor, cache, start
     with torch.no_grad():
         model(x, frame_timesteps(t, x), context, cache=cache, start_frame=start_frame,
               frames_per_block=frames_per_block, write_cache=True)
+
+
+def fused_velocity(model, prefix: torch.Tensor, prefix_t: float, x: torch.Tensor, t: float, context: torch.Tensor,
+                   cache, block: int, frames_per_block: int) -> torch.Tensor:
+    """One no-grad forward over [prefix (block n-1's context at prefix_t), x (block n at t)], block-causal, writing only
+    the prefix to the cache; returns block n's velocity (what its own denoise forward would give, up to rounding: the
+    prefix's keys are the ones its own write forward would have cached, and block n sees them in the chunk)."""
+    f = frames_per_block
+    chunk = torch.cat([prefix, x], dim=1)
+    tt = torch.tensor([prefix_t] * prefix.shape[1] + [t] * f, dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        _, v = denoise_chunk(model, chunk, tt, context, cache=cache, start_frame=(block - 1) * f,
+                             frames_per_block=f, write_cache=prefix.shape[1])
+    return v[:, prefix.shape[1]:]
 
 
 def next_input(x: torch.Tensor, x0: torch.Tensor, v: torch.Tensor, t: float, t_next: float,

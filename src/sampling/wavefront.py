@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from src.models.attention import RowGroup
+from src.models.kv_cache import schedule_slots
 from src.sampling.noise import NoiseBank
 from src.sampling.orders import SamplerConfig, denoise_cell
 
@@ -45,7 +46,8 @@ def wavefront_blocks(model, context: torch.Tensor, num_frames: int, latent_shape
     fused = cfg.context_level != "current"
     block_shape = (context.shape[0], fpb, *latent_shape)
     device = context.device
-    caches = [model.new_cache(window=cfg.window, sink=cfg.sink) for _ in range(num_steps)]
+    slots = schedule_slots(cfg.window, cfg.sink, (2 if fused else 1) * fpb, fpb)
+    caches = [model.new_cache(window=cfg.window, sink=cfg.sink, slots=slots) for _ in range(num_steps)]
     inputs: dict[tuple[int, int], torch.Tensor] = {}  # (step, block) -> input
     pending: dict[int, tuple[torch.Tensor, float]] = {}  # step -> context of its previous block, unwritten
     text_kv: dict[int, list] = {}

@@ -1,11 +1,18 @@
 """`make bench-gpu`'s code path on CPU (--smoke): every metric for every sampler, and the counted forwards."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from src.perf import gpu as bench_gpu
 from src.sampling.orders import SamplerConfig, forward_count
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DIT_METRICS = {"total_s", "latent_frames_per_s", "pixel_frames_per_s", "first_block_latency_s", "peak_memory_bytes",
                "flops", "achieved_tflops", "mfu"}
@@ -41,6 +48,12 @@ def test_smoke_report(tmp_path):
             if sampler == "wavefront":  # one batched forward per tick; each cell a 2-block chunk (context + block)
                 assert r["forwards"] == r["expected_forwards"] == num_blocks + cfg.num_steps - 1
                 assert r["tokens"] == num_blocks * cfg.num_steps * 2 * cfg.frames_per_block * tpf
+            elif sampler.endswith("_fused"):  # N*S forwards; every one but block 0's first carries a 2-block chunk
+                fused_cfg = bench_gpu.variant_config(sampler, cfg)
+                assert r["forwards"] == r["expected_forwards"] == forward_count(fused_cfg, num_blocks)
+                assert r["forwards"] == num_blocks * cfg.num_steps
+                fused = (num_blocks - 1) * (1 if sampler.startswith("block") else cfg.num_steps)
+                assert r["tokens"] == (r["forwards"] + fused) * cfg.frames_per_block * tpf
             else:
                 assert r["forwards"] == r["expected_forwards"] == forward_count(cfg.with_order(sampler), num_blocks)
                 assert r["tokens"] == r["forwards"] * cfg.frames_per_block * tpf
@@ -63,28 +76,75 @@ def test_flops_formula():
     assert bench_gpu.forward_flops(cfg, 2, lq, 2 * lq) > 2 * bench_gpu.forward_flops(cfg, 1, lq, lq)
 
 
-def test_gpu_check_smoke(tmp_path):
-    """`make gpu-check`'s code path on CPU: bench-gpu, the attention modes with their useful TFLOP/s, and the DMD part
-    (the estimator's functions, or a recorded reason why they are unavailable), in one JSON."""
-    from src.perf import check as gpu_check
+CHECK = [sys.executable, "-m", "src.perf", "check", "--smoke", "--budget-s", "60"]
 
-    torch.set_num_threads(1)
-    report = gpu_check.main(["--smoke", "--out", str(tmp_path), "--skip", "compile"])
-    written = json.loads((tmp_path / "gpu_check_cpu-smoke.json").read_text())
-    assert written["machine"]["device"] == "cpu-smoke" and written["bench_compiled"] is None
-    assert set(written["bench_eager"]["results"]) == {"6"}
-    assert written["bench_eager"]["setup"]["attention_kernel"] == "sdpa"
-    modes = written["attention_modes"]
-    assert set(modes) == {"bidirectional", "block_causal_one_pass", "cached_steady_state", "cached_window_and_sinks",
-                          "fused_two_blocks"}
-    for name, m in modes.items():
-        assert "error" not in m, (name, m)
-        assert m["flops"] > 0 and m["tflops_per_s"] > 0
-    assert modes["bidirectional"]["visible_pairs"] == (9 * 6) ** 2 and modes["bidirectional"]["calls_per_layer"] == 1
-    assert modes["cached_steady_state"]["cache_mode"] == "in_place"
-    assert modes["cached_steady_state"]["visible_pairs"] == 3 * 6 * 6 * 6  # a full window of 6 frames, no mask
-    dmd = written["dmd_iteration"]
-    for part in ("estimated", "measured"):
-        assert "error" not in dmd[part], dmd[part]
-        assert set(dmd[part]["updates"]) == {"generator", "critic"}
-    assert report["seconds"]["total"] > 0
+
+def test_gpu_check_smoke_within_its_budget(tmp_path):
+    """`make gpu-check`'s code path on CPU: every part, one printed line per result, the JSON complete and valid, the
+    whole run inside its 60 s budget (plus the interpreter's start)."""
+    start = time.perf_counter()
+    done = subprocess.run([*CHECK, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    results = report["results"]
+    assert report["complete"] and report["smoke"] and report["elapsed_s"] <= 60 and wall <= 75
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == len(results)  # one printed line per result
+    for key, value in results.items():
+        assert "error" not in value, (key, value)
+        assert "skipped" in value or value["seconds"] >= 0  # "stopped": the DMD process at the budget
+    assert {"preflight.versions", "preflight.sdpa_kernel", "preflight.flex_compiled", "preflight.block_forward",
+            "dit.6.step_first"} <= set(results)
+    assert results["preflight.sdpa_kernel"]["kernel"] == "sdpa"
+    assert any("flash_attention" in name for name in results["preflight.sdpa_kernel"]["cuda_kernels"])
+    assert results["preflight.sdpa_kernel"]["sinks_merge_max_abs_error"] < 1e-5  # float32 LSE merge
+    assert results["preflight.flex_compiled"]["finite"] and results["preflight.flex_compiled"]["compile_s"] > 0
+    dit = results["dit.6.step_first"]
+    assert dit["forwards"] == dit["expected_forwards"] and dit["latent_frames_per_s"] > 0
+    if "skipped" not in results.get("dit.6.block_first_fused", {"skipped": ""}):
+        fused, plain = results["dit.6.block_first_fused"], results["dit.6.block_first"]
+        assert fused["forwards"] == 2 * 4 and plain["forwards"] == 2 * 5 - 1  # N*S vs N(S+1)-1, N = 2, S = 4
+    dmd = results.get("dmd.peak_memory")
+    if dmd is not None and "skipped" not in dmd and "stopped" not in dmd:
+        assert set(dmd["updates"]) == {"generator", "critic"}
+        assert all(u["measured_gib"] > 0 and u["estimated_gib"] > 0 for u in dmd["updates"].values())
+    assert len(list(tmp_path.iterdir())) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in tmp_path.iterdir())
+
+
+def test_gpu_check_smoke_compiled_wavefront_vae(tmp_path):
+    """The later parts' code path (the 60 s smoke reaches them only on a quiet machine): compile_blocks (eager backend),
+    the four samplers compiled, the wavefront, end to end with the VAE."""
+    done = subprocess.run([*CHECK, "--skip", "dit", "dmd", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert "dit.6.step_first" not in results and "dmd.peak_memory" not in results
+    for key in ("compiled.compile", "compiled.6.step_first", "compiled.6.block_first_fused", "wavefront.6",
+                "vae.6.block_first_fused"):
+        assert key in results and "error" not in results[key], (key, results.get(key))
+    compiled = results["compiled.compile"]
+    if "skipped" not in compiled:  # eager backend: no inductor artifacts to save, and it says so
+        assert compiled["compile_s"] > 0 and compiled["compile_cache"]["saved"] is False
+    for key in ("compiled.6.block_first_fused", "wavefront.6"):
+        if "skipped" not in results[key]:
+            assert results[key]["forwards"] == results[key]["expected_forwards"]
+
+
+def test_gpu_check_killed_midway_leaves_valid_json(tmp_path):
+    """A kill at any moment leaves the results so far: the JSON is rewritten atomically after each one."""
+    proc = subprocess.Popen([*CHECK, "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    path = tmp_path / "gpu_check.json"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if path.exists() and len(json.loads(path.read_text())["results"]) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    report = json.loads(path.read_text())  # valid JSON, whatever the moment of the kill
+    assert not report["complete"] and len(report["results"]) >= 3
+    assert list(report["results"])[0] == "preflight.versions"
