@@ -160,7 +160,7 @@ def test_stale_reason_follows_settings_and_upstream(tmp_path):
     assert [stale(s) for s in ("ode_pairs", "ode_init", "hiar_fkl")] == [None, None, None]
     assert stale("hiar_fkl", "fkl.weight=0.2") == "fkl: {\"attention\":\"bidirectional\",\"num_steps\":1," \
         "\"weight\":0.1} -> {\"attention\":\"bidirectional\",\"num_steps\":1,\"weight\":0.2}"
-    assert stale("ode_init", "world.training.ode_init_steps=7") == "trainer.max_steps: 300 -> 7"
+    assert stale("ode_init", "world.training.ode_init_steps=7") == "trainer.max_steps: 200 -> 7"
     assert stale("ode_pairs", "ode_pairs.guidance=3.0") == "task.guidance: 4.0 -> 3.0"
     build("ode_pairs", "ode_pairs.guidance=3.0")
     assert stale("ode_init", "ode_pairs.guidance=3.0") == "ode_pairs was rebuilt"
