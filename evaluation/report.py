@@ -65,6 +65,37 @@ def summarise_method(videos: list[dict], oracle: dict | None = None, vbench: dic
     return {"summary": summary, "segments": segments, "videos": videos}
 
 
+COMPARED_MEASURES = ("fidelity", "direction_agreement", "motion")
+
+
+def paired_comparison(baseline: dict, method: dict, measures=COMPARED_MEASURES) -> dict:
+    """`method` minus `baseline` (two summarise_method results) on the videos both have (same file name: the same
+    prompt and noise), per oracle segment and over the whole video (the mean of the segments), each as the mean and
+    standard error of the paired differences. The pairing removes the prompt-to-prompt spread both models share."""
+    import numpy as np
+
+    from src.worlds.toy.oracle import standard_error
+
+    ours = {v["name"]: v["oracle"]["segments"] for v in method["videos"] if "oracle" in v}
+    theirs = {v["name"]: v["oracle"]["segments"] for v in baseline["videos"] if "oracle" in v}
+    names = sorted(set(ours) & set(theirs))
+    if not names:
+        raise ValueError("the compared methods share no scored video (same file names: same prompts and seeds)")
+    result = {"videos": len(names), "measures": {}}
+    for m in measures:
+        diff = np.array([ours[n][m] for n in names]) - np.array([theirs[n][m] for n in names])  # [videos, segments]
+        whole = diff.mean(axis=1)
+        result["measures"][m] = {
+            "per_segment": {"mean": diff.mean(axis=0).tolist(), "se": standard_error(diff).tolist()},
+            "video": {"mean": float(whole.mean()), "se": float(standard_error(whole))},
+        }
+    return result
+
+
+def _pm(mean: float, se: float) -> str:
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "n/a"
@@ -218,6 +249,15 @@ def _markdown(results: dict, paths: dict[str, Path], out: Path) -> list[str]:
                 rows += [[method, name, *values] for name, values in per_segment.items()]
         n = max((len(row) - 2 for row in rows), default=0)
         lines += _table(["method", "measure", *[f"seg {i + 1}" for i in range(n)]], rows)
+
+    for comparison in results.get("comparisons") or []:
+        lines += [f"## Paired: {comparison['method']} minus {comparison['baseline']} "
+                  f"({comparison['videos']} videos, same prompts and noise; mean ± standard error)", ""]
+        n = len(next(iter(comparison["measures"].values()))["per_segment"]["mean"])
+        rows = [[m, _pm(d["video"]["mean"], d["video"]["se"]),
+                 *[_pm(a, b) for a, b in zip(d["per_segment"]["mean"], d["per_segment"]["se"])]]
+                for m, d in comparison["measures"].items()]
+        lines += _table(["oracle measure", "whole video", *[f"seg {i + 1}" for i in range(n)]], rows)
 
     unavailable = results.get("unavailable") or {}
     if unavailable:

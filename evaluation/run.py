@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.drift import video_drift
 from evaluation.models import load_measures
-from evaluation.report import jsonable, summarise_method, write_report
+from evaluation.report import jsonable, paired_comparison, summarise_method, write_report
 from evaluation.vbench_runner import LONG_VIDEO_S, VBenchUnavailable, check_vbench, run_vbench
 from src import artifacts
 from src.video_io import VideoEntry, list_videos, read_video, write_video
@@ -143,6 +143,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
         raise ValueError("nothing to evaluate: pass videos_dir=<folder of mp4s> (methods = subfolders),"
                          " generate.methods={name: {checkpoint: PATH}}, or reference.enabled=true on the toy world")
     methods = sorted({e.method for e in entries}, key=[e.method for e in entries].index)
+    for pair in cfg.compare:
+        missing = [m for m in pair if m not in methods]
+        if len(pair) != 2 or missing:
+            raise ValueError(f"compare: each entry is [baseline, method] among {methods}, got {list(pair)}")
 
     use_vbench = bool(cfg.vbench.enabled)
     if use_vbench:  # fail before the slow part, naming everything missing
@@ -189,9 +193,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
         results[method] = summarise_method(videos, oracle_summary, vbench)
         log.info("%s: %d videos, drift %s", method, len(videos), results[method]["summary"]["drift"])
 
+    comparisons = []
+    for baseline, method in cfg.compare:
+        if oracle is None:
+            raise ValueError("compare needs the toy-world oracle (oracle=auto on world=toy, or oracle=true)")
+        comparisons.append({"baseline": baseline, "method": method,
+                            **paired_comparison(results[baseline], results[method])})
+
     report = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "methods": results,
+        "comparisons": comparisons,
         "unavailable": unavailable,
         "vbench_status": vbench_status,
     }

@@ -1,7 +1,8 @@
 """`make demo`: the whole toy-world chain on 2 CPU cores, through the same commands a user runs.
 
     teacher (shipped in assets/, else trained) -> ODE pairs -> ODE init -> hiar_fkl (DMD + step-first + forward-KL)
-    -> 20 s step-first generations for held-out prompts -> oracle / drift report
+    -> 20 s step-first generations of the ODE init and the distilled student for the same held-out prompts and noise
+    -> oracle / drift report, with the paired difference student minus ODE init (what distillation bought)
 
 Each stage is its own `python -m ...` process with Hydra overrides, so the demo exercises exactly the CLI. A stage is
 rebuilt exactly when its published output is missing or its manifest disagrees with what the stage would make now
@@ -49,7 +50,7 @@ def stage_config(stage: str, overrides: list[str]) -> DictConfig:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where the artifacts, videos and report go")
-    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate 20 s videos for")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to generate 20 s videos for")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage (default: reuse current ones)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage")
     args = parser.parse_args(argv)
@@ -76,36 +77,45 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"=== {stage}: rebuilding ({reason})")
             run(stage, ["-m", "src.train", f"experiment={stage}", *common], timings)
-    student = artifacts / STAGES[-1] / "student.safetensors"
+    models = {"ode_init": artifacts / "ode_init" / "ode_init.safetensors",
+              STAGES[-1]: artifacts / STAGES[-1] / "student.safetensors"}
 
     report_dir = out / "report"
+    methods = ", ".join(f"{name}: {{checkpoint: '{path}'}}" for name, path in models.items())
     run("generate_and_report", [
         "-m", "evaluation.run", f"out_dir={report_dir}", f"paths.log_dir={out / 'logs'}",
-        f"generate.methods={{hiar_fkl: {{checkpoint: '{student}'}}}}", "generate.num_frames=81",
+        f"generate.methods={{{methods}}}", "generate.num_frames=81", f"compare=[[ode_init, {STAGES[-1]}]]",
         f"reference.prompts={args.prompts}",
         *[o for o in args.overrides if o.startswith("world.")],  # the rest (trainer.*, ...) concern training only
     ], timings)
 
+    report = json.loads((report_dir / "report.json").read_text())
     summary = {"seconds": timings, "videos": str(report_dir / "videos"), "report": str(report_dir / "report.md"),
-               "student": str(student), "artifacts": str(artifacts),
-               "oracle_per_segment": oracle_per_segment(report_dir / "report.json")}
+               "student": str(models[STAGES[-1]]), "artifacts": str(artifacts),
+               "oracle_per_segment": oracle_per_segment(report), "comparison": report["comparisons"][0]}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2))
     print("\n=== demo finished")
     for key, value in summary.items():
-        if key != "oracle_per_segment":
+        if key not in ("oracle_per_segment", "comparison"):
             print(f"{key}: {value}")
-    print("oracle per 4 s segment of the 20 s videos:")
+    print(f"oracle per 4 s segment of the 20 s videos ({args.prompts} held-out prompts, the same noise for each model;"
+          " mean ± standard error over videos):")
     for method, measures in summary["oracle_per_segment"].items():
-        for name, values in measures.items():
-            print(f"  {method:>14} {name:<20} " + " ".join(f"{v:.2f}" for v in values))
+        for name, (means, errors) in measures.items():
+            print(f"  {method:>14} {name:<20} " + " ".join(f"{m:.2f}±{e:.2f}" for m, e in zip(means, errors)))
+    comparison = summary["comparison"]
+    print(f"{comparison['method']} minus {comparison['baseline']} (paired over {comparison['videos']} videos):")
+    for name, d in comparison["measures"].items():
+        print(f"  {name:<20} whole video {d['video']['mean']:+.3f}±{d['video']['se']:.3f}   per segment "
+              + " ".join(f"{m:+.2f}±{e:.2f}" for m, e in zip(d["per_segment"]["mean"], d["per_segment"]["se"])))
     return summary
 
 
-def oracle_per_segment(report_json: Path, measures=("fidelity", "direction_agreement", "object_found", "motion")) -> dict:
-    """{method: {measure: per-segment means}} of the report's toy-world oracle."""
-    methods = json.loads(report_json.read_text())["methods"]
-    return {method: {m: r["summary"]["oracle"]["segments"][m] for m in measures}
-            for method, r in methods.items() if r["summary"].get("oracle")}
+def oracle_per_segment(report: dict, measures=("fidelity", "direction_agreement", "motion")) -> dict:
+    """{method: {measure: (per-segment means, their standard errors)}} of the report's toy-world oracle."""
+    return {method: {m: (r["summary"]["oracle"]["segments"][m], r["summary"]["oracle"]["segments_se"][m])
+                     for m in measures}
+            for method, r in report["methods"].items() if r["summary"].get("oracle")}
 
 
 if __name__ == "__main__":

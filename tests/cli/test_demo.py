@@ -15,10 +15,17 @@ def test_demo_rebuilds_exactly_the_changed_stages(tmp_path, monkeypatch):
         """Stands in for a stage's process: publishes an export with the manifest that stage would write."""
         ran.append(stage)
         if stage == "generate_and_report":  # the report's oracle part, which the demo prints per segment
-            segments = {m: [1.0, 0.5] for m in ("fidelity", "direction_agreement", "object_found", "motion")}
+            assert "compare=[[ode_init, hiar_fkl]]" in args and "reference.prompts=16" in args
+            assert "ode_init: {checkpoint:" in next(a for a in args if a.startswith("generate.methods="))
+            measures = ("fidelity", "direction_agreement", "motion")
+            oracle = {"segments": {m: [1.0, 0.5] for m in measures}, "segments_se": {m: [0.1, 0.2] for m in measures}}
+            difference = {"per_segment": {"mean": [0.25, 0.5], "se": [0.1, 0.1]}, "video": {"mean": 0.375, "se": 0.1}}
             report = tmp_path / "demo/report/report.json"
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps({"methods": {"hiar_fkl": {"summary": {"oracle": {"segments": segments}}}}}))
+            report.write_text(json.dumps({
+                "methods": {m: {"summary": {"oracle": oracle}} for m in ("ode_init", "hiar_fkl")},
+                "comparisons": [{"baseline": "ode_init", "method": "hiar_fkl", "videos": 16,
+                                 "measures": {m: difference for m in measures}}]}))
         if stage not in demo.STAGES:
             return
         run_dir = tmp_path / "runs" / str(next(builds))
@@ -35,7 +42,8 @@ def test_demo_rebuilds_exactly_the_changed_stages(tmp_path, monkeypatch):
     out = str(tmp_path / "demo")
     summary = demo.main(["--out", out])
     assert ran == ["ode_pairs", "ode_init", "hiar_fkl", "generate_and_report"]
-    assert summary["oracle_per_segment"]["hiar_fkl"]["fidelity"] == [1.0, 0.5]
+    assert summary["oracle_per_segment"]["hiar_fkl"]["fidelity"] == ([1.0, 0.5], [0.1, 0.2])
+    assert summary["comparison"]["measures"]["fidelity"]["video"]["mean"] == 0.375
     ran.clear()
     demo.main(["--out", out])
     assert ran == ["generate_and_report"]

@@ -301,3 +301,52 @@ def test_fetch_weights_fills_the_layout_the_measures_check(tmp_path, monkeypatch
     fetch_weights.main(["--out", str(tmp_path)])
     for name in DRIFT_MEASURES:
         assert "missing weights" not in (_unavailable_reason(name, tmp_path) or "")
+
+
+def test_paired_comparison_is_the_mean_and_standard_error_of_per_video_differences():
+    from evaluation.report import paired_comparison
+
+    def method(per_video):
+        return {"videos": [{"name": f"v{i}.mp4", "oracle": {"segments": {"fidelity": f}}}
+                           for i, f in enumerate(per_video)]}
+
+    baseline = method([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    student = method([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # v3 is missing: only shared videos are paired
+    result = paired_comparison(baseline, student, measures=("fidelity",))
+    diff = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    assert result["videos"] == 3
+    fidelity = result["measures"]["fidelity"]
+    assert fidelity["per_segment"]["mean"] == pytest.approx([2 / 3, 1 / 3])
+    # per segment: values {1, 0, 1} -> sd sqrt(1/3), se sqrt(1/3)/sqrt(3) = 1/3
+    assert fidelity["per_segment"]["se"] == pytest.approx([1 / 3, 1 / 3])
+    whole = [sum(d) / 2 for d in diff]  # 0.5 each: no spread
+    assert fidelity["video"] == pytest.approx({"mean": sum(whole) / 3, "se": 0.0})
+    with pytest.raises(ValueError, match="share no scored video"):
+        paired_comparison(method([[1.0]]), {"videos": [{"name": "other.mp4", "oracle": {"segments": {}}}]})
+
+
+def test_eval_compares_two_methods_on_the_same_prompts_with_the_real_oracle(tmp_path):
+    """A frozen copy of each ground-truth video loses the motion measures against the moving original, seen in the
+    report's paired section; the oracle's per-segment standard errors are reported beside the means."""
+    from evaluation.run import evaluate
+    from src.worlds.toy.shapes import heldout_prompts, parse_prompt, render_video
+
+    videos = tmp_path / "videos"
+    for prompt in heldout_prompts(3):
+        frames = render_video(parse_prompt(prompt), 21, 16, 16, 0)
+        write_video(videos / "moving" / f"{prompt}-0.mp4", frames, fps=4)
+        write_video(videos / "frozen" / f"{prompt}-0.mp4", frames[:1].expand_as(frames), fps=4)
+    cfg = eval_config(tmp_path, f"videos_dir={videos}", "reference.enabled=false", "measures=[]",
+                      "compare=[[frozen, moving]]")
+    paths = evaluate(cfg)
+    report = json.loads(paths["json"].read_text())
+    (comparison,) = report["comparisons"]
+    assert (comparison["baseline"], comparison["method"], comparison["videos"]) == ("frozen", "moving", 3)
+    assert comparison["measures"]["motion"]["video"]["mean"] > 0.2  # px per frame the frozen copy does not move
+    assert comparison["measures"]["direction_agreement"]["video"]["mean"] > 0.5
+    oracle = report["methods"]["moving"]["summary"]["oracle"]
+    assert len(oracle["segments_se"]["fidelity"]) == len(oracle["segments"]["fidelity"]) == 5
+    assert "## Paired: moving minus frozen (3 videos" in paths["md"].read_text()
+    with pytest.raises(ValueError, match="compare"):
+        evaluate(eval_config(tmp_path, f"videos_dir={videos}", "reference.enabled=false", "measures=[]",
+                             "compare=[[frozen, absent]]"))

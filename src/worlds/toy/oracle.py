@@ -245,13 +245,22 @@ def score_videos(videos, prompts: list, segments: int = 5) -> dict:
     return summarise_scores([score_video(v, p, segments) for v, p in zip(videos, prompts)])
 
 
+def standard_error(values, axis: int = 0) -> np.ndarray:
+    """Standard error of the mean along `axis` (0 for a single value: no spread is known)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[axis]
+    return values.std(axis=axis, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(values.mean(axis=axis))
+
+
 def summarise_scores(scores: list[dict]) -> dict:
-    """Aggregate `score_video` results: means of every scalar, per-segment means and their drift."""
+    """Aggregate `score_video` results: means of every scalar, per-segment means with their standard errors over
+    videos, and their drift."""
     if not scores:
         raise ValueError("no video scores to summarise")
     scalars = [k for k in scores[0] if k not in ("segments", "drift")]
     result = {k: float(np.mean([s[k] for s in scores])) for k in scalars}
     result["num_videos"] = len(scores)
     result["segments"] = {m: np.mean([s["segments"][m] for s in scores], axis=0).tolist() for m in MEASURES}
+    result["segments_se"] = {m: standard_error([s["segments"][m] for s in scores]).tolist() for m in MEASURES}
     result["drift"] = drift(result["segments"])
     return result
