@@ -1,18 +1,21 @@
-"""The paper's ablations in the stationary toy world (issue 19): Table 2 (context level t_c), Table 3 (forward-KL
-variants, Self-Forcing weights sampled step-first, block-first Self-Forcing) and the Fig. 4 analogue (dynamics of
-checkpoints trained without forward-KL, one-step predictions in bidirectional vs causal attention, Pearson r).
+"""The paper's ablations in the stationary toy world, at the toy distillation recipe (conf/world/toy.yaml: 200
+iterations, a generator update every 2nd, generator lr 1e-4): Table 2 (context level t_c), Table 3 (forward-KL
+variants, Self-Forcing weights sampled step-first, block-first Self-Forcing), the recipe sweep that chose the recipe,
+and the Fig. 4 analogue (dynamics of checkpoints trained without forward-KL, one-step predictions in bidirectional vs
+causal attention, Pearson r).
 
-    .venv/bin/python experiments/toy_ablation/run.py all --budget-min 60   # train / evaluate what is missing, report
-    .venv/bin/python experiments/toy_ablation/run.py report                # tables and plots from what exists
+    .venv/bin/python -m experiments.toy_ablation.run all --budget-min 60   # train / evaluate what is missing, report
+    .venv/bin/python -m experiments.toy_ablation.run report                # tables and plots from what exists
 
 Resumable at every level: a student is trained only when its published output is missing or stale
 (src/artifacts.py, as in `make demo`), an interrupted student resumes from its last checkpoint, an evaluation is run
 only when its score file is missing, and `--budget-min` stops starting new work once that many minutes have passed.
-All students share one set of ODE pairs and one ODE init (as in the paper) and differ by experiment config and seed.
-Each evaluation: 81-frame (20 s) generations of 32 held-out prompts x 2 noise seeds = 64 videos, scored by the oracle
-per 4 s segment. A cell is the mean over training seeds +- their standard error (one seed: the standard error over
-its videos, marked *). Outputs: outputs/toy_ablation/ (artifacts, runs, scores), and here results.{md,json} and
-plots/*.png.
+All students share one set of ODE pairs and one ODE init (as in the paper, and the demo's sizes: the toy world's
+defaults) and differ by experiment config and seed. Each evaluation: 81-frame (20 s) generations of 48 held-out prompts
+x 2 noise seeds = 96 videos, with noise that neither training nor the demo draws, scored by the oracle per 4 s segment.
+A cell is the mean over training seeds +- their standard error (one seed: the standard error over its videos, marked
+*). Every row is also compared with the ODE init sampled the same way on the same videos (paired difference).
+Outputs: outputs/toy_ablation/ (artifacts, runs, scores), and here results.{md,json} and plots/*.png.
 """
 
 from __future__ import annotations
@@ -21,35 +24,28 @@ import argparse
 import csv
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from src.artifacts import stale_reason  # noqa: E402
-from src.demo import run, stage_config  # noqa: E402  (one stage runner for the demo and this study)
-from src.io import atomic_write_text  # noqa: E402
+from src.artifacts import stale_reason
+from src.demo import ROOT, run, stage_config  # one stage runner for the demo and this study
+from src.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-# the teacher the study distils from (its ODE pairs, DMD target and critic init): v2, the shipped teacher when the study
-# began (5 s fidelity 0.86); v3 (assets/toy_teacher.safetensors, 0.92) came later. world.teacher_checkpoint=... overrides.
-STUDY_TEACHER = ROOT / "assets" / "toy_teacher_v2.safetensors"
-EVAL_PROMPTS, EVAL_NOISE_SEEDS, EVAL_FRAMES, EVAL_BATCH = 32, 2, 81, 16
-EVAL_SEED = 1000  # batch b of an evaluation draws its noise from NoiseBank(EVAL_SEED + b)
+EVAL_PROMPTS, EVAL_NOISE_SEEDS, EVAL_FRAMES, EVAL_BATCH = 48, 2, 81, 16
+EVAL_SEED = 3000  # batch b of an evaluation draws its noise from NoiseBank(EVAL_SEED + b); the demo uses seeds 0..15
 MEASURES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "shape_agreement", "speckle",
             "motion", "smoothness")
 CURVES = ("fidelity", "direction_agreement", "object_found", "object_color_error", "speckle", "motion")
 
-
-# The forward-KL question with training that moves the student: at the study's default (150 iterations = 30 generator
-# updates at lr 2e-5) every student ends within 0.1% (relative weight norm) of the ODE init it starts from.
-LONG_STEPS = 600  # optimizer steps = 500 iterations = 100 generator updates at gen_update_ratio 5
-LONG = (f"trainer.max_steps={LONG_STEPS}", "world.training.lr_generator=1e-4")  # 5x the default generator lr
+# Fig. 4: the no-forward-KL student trained 3x as long as the recipe, every 40th iteration kept
+LONG_STEPS = 900  # optimizer steps = 600 iterations at gen_update_ratio 2
+# The recipe sweep's other points (hiar_fkl is the chosen point): what the learning rate and the update ratio each add
+OLD_RECIPE = ("world.training.gen_update_ratio=5", "world.training.lr_generator=2e-5", "trainer.max_steps=156")
+RATIO_5 = ("world.training.gen_update_ratio=5", "trainer.max_steps=240")  # 200 iterations, 40 generator updates
 
 
 @dataclass(frozen=True)
@@ -66,10 +62,13 @@ STUDENTS = {
     "tc_clean": Student("hiar_fkl", ("sampler.context_level=clean",)),
     "fkl_causal": Student("hiar_fkl", ("fkl=causal",)),
     "fkl_2steps": Student("hiar_fkl", ("fkl.num_steps=2",)),
-    "hiar_long": Student("hiar", LONG),
-    "hiar_fkl_long": Student("hiar_fkl", LONG),
+    "recipe_old": Student("hiar_fkl", OLD_RECIPE),
+    "recipe_ratio5": Student("hiar_fkl", RATIO_5),
+    "hiar_long": Student("hiar", (f"trainer.max_steps={LONG_STEPS}",)),
 }
 MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl")  # trained with every seed in --seeds; the others with the first
+# training order: every row's first seed, the recipe points, then more seeds, the long run last (the most expensive)
+LAST_STUDENTS = ("hiar_long",)
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,22 @@ class Row:
     name: str
     student: str
     sampling: tuple[str, ...]  # conf/generate.yaml overrides at inference: the order and the sampler's settings
+    which: str = "auto"  # auto: the exported student (the EMA); generator: the raw generator of the last checkpoint
 
     def eval_key(self, seed: int) -> str:
-        return "__".join([f"{self.student}_s{seed}", *[o.replace("sampler.", "").replace("=", "-") for o in self.sampling]])
+        which = [] if self.which == "auto" else [f"@{self.which}"]
+        return "__".join([f"{self.student}_s{seed}", *which,
+                          *[o.replace("sampler.", "").replace("=", "-") for o in self.sampling]])
 
 
 STEP_FIRST, BLOCK_FIRST = ("sampler=step_first",), ("sampler=block_first",)
-LONG_TABLE = "Forward-KL with longer training (500 iterations, generator lr 1e-4)"
+RECIPE_TABLE = "The distillation recipe (fKL bidirectional, step-first)"
+LONG_TABLE = "Without forward-KL, 3x longer (600 iterations)"
 BASE_TABLE = "No distillation: the ODE init"
 ODE_INIT = "ode_init"  # not a student: the shared ODE init (artifacts/ode_init), evaluated like one
 TABLE_2, TABLE_3 = "Table 2: context level t_c", "Table 3: forward-KL and hierarchical denoising"
-PLOTS = {TABLE_2: "table2_segments.png", TABLE_3: "table3_segments.png", LONG_TABLE: "long_segments.png",
-         BASE_TABLE: "ode_init_segments.png"}
+PLOTS = {TABLE_2: "table2_segments.png", TABLE_3: "table3_segments.png", RECIPE_TABLE: "recipe_segments.png",
+         LONG_TABLE: "long_segments.png", BASE_TABLE: "ode_init_segments.png"}
 ROWS = [
     Row(TABLE_2, "t_c = t_j (current)", "tc_current", (*STEP_FIRST, "sampler.context_level=current")),
     Row(TABLE_2, "t_c = t_{j+1} (HiAR)", "hiar_fkl", STEP_FIRST),
@@ -100,8 +103,12 @@ ROWS = [
     Row(TABLE_3, "w/o fKL", "hiar", STEP_FIRST),
     Row(TABLE_3, "SF weights sampled step-first (no retraining)", "self_forcing", STEP_FIRST),
     Row(TABLE_3, "block-first Self-Forcing", "self_forcing", BLOCK_FIRST),
-    Row(LONG_TABLE, "w/o fKL, long", "hiar_long", STEP_FIRST),
-    Row(LONG_TABLE, "fKL bidirectional, 1 step, long", "hiar_fkl_long", STEP_FIRST),
+    Row(RECIPE_TABLE, "old: ratio 5, generator lr 2e-5, 130 iterations (26 generator updates)", "recipe_old",
+        STEP_FIRST),
+    Row(RECIPE_TABLE, "ratio 5, generator lr 1e-4, 200 iterations (40 generator updates)", "recipe_ratio5", STEP_FIRST),
+    Row(RECIPE_TABLE, "ratio 2, generator lr 1e-4, 200 iterations (100 updates): the recipe", "hiar_fkl", STEP_FIRST),
+    Row(RECIPE_TABLE, "the recipe's raw generator (no EMA)", "hiar_fkl", STEP_FIRST, which="generator"),
+    Row(LONG_TABLE, "w/o fKL, 600 iterations", "hiar_long", STEP_FIRST),
     # the network every student starts from, sampled as the rows above: what distillation changed
     Row(BASE_TABLE, "ODE init, step-first t_c = t_{j+1}", ODE_INIT, STEP_FIRST),
     Row(BASE_TABLE, "ODE init, step-first t_c = t_j", ODE_INIT, (*STEP_FIRST, "sampler.context_level=current")),
@@ -118,9 +125,11 @@ class Budget:
         return self.deadline is None or time.monotonic() < self.deadline
 
 
-def weights(out: Path, student: str, seed: int) -> Path:
+def weights(out: Path, student: str, seed: int, which: str = "auto") -> Path:
     if student == ODE_INIT:
         return out / "artifacts" / "ode_init" / "ode_init.safetensors"
+    if which == "generator":  # the raw generator lives only in the training checkpoint
+        return out / "runs" / f"{student}_s{seed}" / "checkpoints" / "last.ckpt"
     return out / "artifacts" / f"{student}_s{seed}" / "student.safetensors"
 
 
@@ -145,33 +154,35 @@ def train(out: Path, seeds: list[int], only: list[str] | None, common: list[str]
         if stale_reason(stage_config(stage, common)) is not None:
             run(stage, ["-m", "src.train", f"experiment={stage}", *common], timings)
     times_path = out / "student_seconds.json"
-    for seed in seeds:
-        for name, student in STUDENTS.items():
-            if (only and name not in only) or seed not in student_seeds(name, seeds):
-                continue
-            run_name = f"{name}_s{seed}"
-            overrides = [f"task_name={run_name}", f"seed={seed}", *student.overrides, *common,
-                         # dynamics over training: the oracle on 4 prompts x 81 frames every 80 optimizer steps
-                         "callbacks=drift", "world.training.drift_every_n_steps=80",
-                         # every checkpoint kept: the Fig. 4 probe reads them
-                         "callbacks.checkpoint.save_top_k=-1", "callbacks.checkpoint.every_n_iterations=40"]
-            reason = stale_reason(stage_config(student.experiment, overrides))
-            if reason is None:
-                continue
-            if not budget.left():
-                print(f"=== budget spent: {run_name} not started ({reason})")
-                return
-            run_dir = out / "runs" / run_name
-            last = run_dir / "checkpoints" / "last.ckpt"
-            resume = [f"ckpt_path={last}"] if last.exists() else []
-            print(f"=== {run_name}: {'resuming' if resume else 'training'} ({reason})")
-            run(run_name, ["-m", "src.train", f"experiment={student.experiment}", *overrides, *resume,
-                           f"hydra.run.dir={run_dir}"], timings)
-            times = _load_json(times_path, {})
-            times[run_name] = times.get(run_name, 0) + timings[run_name] if resume else timings[run_name]
-            atomic_write_text(times_path, json.dumps(times, indent=1))
-            if after_each is not None:
-                after_each()
+    order = [(seed, name) for seed in seeds for name in STUDENTS if name not in LAST_STUDENTS]
+    order += [(seeds[0], name) for name in LAST_STUDENTS]
+    for seed, name in order:
+        student = STUDENTS[name]
+        if (only and name not in only) or seed not in student_seeds(name, seeds):
+            continue
+        run_name = f"{name}_s{seed}"
+        overrides = [f"task_name={run_name}", f"seed={seed}", *student.overrides, *common,
+                     # dynamics over training: the oracle on 4 prompts x 81 frames every 80 optimizer steps
+                     "callbacks=drift", "world.training.drift_every_n_steps=80",
+                     # every checkpoint kept: the Fig. 4 probe reads them
+                     "callbacks.checkpoint.save_top_k=-1", "callbacks.checkpoint.every_n_iterations=40"]
+        reason = stale_reason(stage_config(student.experiment, overrides))
+        if reason is None:
+            continue
+        if not budget.left():
+            print(f"=== budget spent: {run_name} not started ({reason})")
+            return
+        run_dir = out / "runs" / run_name
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume = [f"ckpt_path={last}"] if last.exists() else []
+        print(f"=== {run_name}: {'resuming' if resume else 'training'} ({reason})")
+        run(run_name, ["-m", "src.train", f"experiment={student.experiment}", *overrides, *resume,
+                       f"hydra.run.dir={run_dir}"], timings)
+        times = _load_json(times_path, {})
+        times[run_name] = times.get(run_name, 0) + timings[run_name] if resume else timings[run_name]
+        atomic_write_text(times_path, json.dumps(times, indent=1))
+        if after_each is not None:
+            after_each()
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -187,7 +198,7 @@ def row_pipeline(row: Row, weights_path: Path):
     """The weights loaded for generation, sampled as the row says (its order, then its sampler overrides)."""
     from src.api import HiAR
 
-    return HiAR.from_checkpoint(weights_path, world="toy", sampler=row.sampling[0].split("=", 1)[1],
+    return HiAR.from_checkpoint(weights_path, world="toy", sampler=row.sampling[0].split("=", 1)[1], which=row.which,
                                 overrides=list(row.sampling[1:]))
 
 
@@ -233,7 +244,7 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
         for seed in student_seeds(row.student, seeds):
             key = row.eval_key(seed)
             path = scores_dir / f"{key}.json"
-            student = weights(out, row.student, seed)
+            student = weights(out, row.student, seed, row.which)
             if key in done or path.exists() or not student.exists():
                 continue
             if not budget.left():
@@ -368,6 +379,7 @@ def row_statistics(out: Path, row: Row, seeds: list[int]) -> dict | None:
     for m in MEASURES:
         seed_means = [float(np.mean([v[m] for v in s["videos"]])) for s in per_seed]
         stats[m] = mean_se(seed_means) if len(per_seed) > 1 else mean_se([v[m] for v in per_seed[0]["videos"]])
+    stats["fidelity_vs_ode_init"] = paired_with_ode_init(out, row, seeds, per_seed)
     stats["segments"] = {}
     for m in CURVES:
         curves = np.array([np.mean([v["segments"][m] for v in s["videos"]], axis=0) for s in per_seed])
@@ -375,6 +387,19 @@ def row_statistics(out: Path, row: Row, seeds: list[int]) -> dict | None:
             curves = np.array([v["segments"][m] for v in per_seed[0]["videos"]])
         stats["segments"][m] = [mean_se(list(curves[:, i])) for i in range(curves.shape[1])]
     return stats
+
+
+def paired_with_ode_init(out: Path, row: Row, seeds: list[int], per_seed: list[dict]):
+    """20 s fidelity of the row minus that of the ODE init sampled the same way, video by video (same prompts and
+    noise): mean +- SE over training seeds of each seed's mean difference (one seed: over its videos); None for the
+    ODE init itself or before its score exists."""
+    base_row = next((r for r in ROWS if r.student == ODE_INIT and r.sampling == row.sampling), None)
+    base_path = out / "scores" / f"{base_row.eval_key(0)}.json" if base_row else None
+    if row.student == ODE_INIT or base_path is None or not base_path.exists():
+        return None
+    base = [v["fidelity"] for v in json.loads(base_path.read_text())["videos"]]
+    diffs = [np.asarray([v["fidelity"] for v in s["videos"]]) - base for s in per_seed]
+    return mean_se([float(d.mean()) for d in diffs]) if len(diffs) > 1 else mean_se(list(diffs[0]))
 
 
 def _cell(pair, one_seed: bool) -> str:
@@ -513,21 +538,24 @@ def markdown(results: dict) -> str:
     lines = []
     for table in dict.fromkeys(r.table for r in ROWS):
         lines += [f"## {table}", "", "| row | seeds | videos | " + " | ".join(t for _, t in columns)
-                  + " | fidelity, last 4 s | student |", "|" + "---|" * (len(columns) + 5)]
+                  + " | fidelity, last 4 s | Δ fidelity vs ODE init | student |", "|" + "---|" * (len(columns) + 6)]
         for row in [r for r in ROWS if r.table == table]:
             s = results["rows"].get(row.name)
             if not s:
-                lines.append(f"| {row.name} | 0 | 0 | " + " | ".join("not run" for _ in columns) + f" | | {row.student} |")
+                lines.append(f"| {row.name} | 0 | 0 | " + " | ".join("not run" for _ in columns) + f" | | | {row.student} |")
                 continue
             one = s["seeds"] == 1
             cells = [_cell(s[m], one) for m, _ in columns]
             lines.append(f"| {row.name} | {s['seeds']} | {s['videos']} | " + " | ".join(cells)
-                         + f" | {_cell(s['segments']['fidelity'][-1], one)} | {row.student} |")
+                         + f" | {_cell(s['segments']['fidelity'][-1], one)} | "
+                         + (_cell(s["fidelity_vs_ode_init"], one) if s["fidelity_vs_ode_init"] else "")
+                         + f" | {row.student} |")
         lines.append("")
     if results.get("ground_truth"):
         g = results["ground_truth"]
         lines += ["Ground truth (same prompts): " + ", ".join(f"{t} {g[m][0]:.3f}" for m, t in columns), ""]
-    lines += ["\\* one training seed: the standard error is over its 64 videos, not over seeds.", ""]
+    lines += [f"\\* one training seed: the standard error is over its {EVAL_PROMPTS * EVAL_NOISE_SEEDS} videos, not over"
+              " seeds. Δ fidelity: the row minus the ODE init sampled the same way, paired over the same videos.", ""]
     if results["fig4"]:
         lines += ["## Fig. 4 analogue: one-step dynamics over training without forward-KL", "",
                   "| run | checkpoints | bidirectional first -> last | causal first -> last | Pearson r |",
@@ -543,7 +571,8 @@ def markdown(results: dict) -> str:
                   "| run | relative change |", "|---|---|"]
         lines += [f"| {k} | {v:.5f} |" for k, v in results["weight_change_from_ode_init"].items()] + [""]
     if results.get("block_boundaries"):
-        lines += ["## Motion inside blocks vs across block boundaries (first seed, 64 videos, mean ± SE over videos)",
+        videos = EVAL_PROMPTS * EVAL_NOISE_SEEDS
+        lines += [f"## Motion inside blocks vs across block boundaries (first seed, {videos} videos, mean ± SE over videos)",
                   "", "| row | direction inside | direction across | px/frame inside | px/frame across |",
                   "|---|---|---|---|---|"]
         for name, b in results["block_boundaries"].items():
@@ -568,8 +597,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training stage")
     args = parser.parse_intermixed_args(argv)
     out = (ROOT / args.out).resolve()
-    common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}",
-              f"world.teacher_checkpoint={STUDY_TEACHER}", *args.overrides]
+    common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
     budget = Budget(args.budget_min)
     if args.command in ("all", "train"):
         after_each = (lambda: evaluate(out, args.seeds, Budget(None))) if args.command == "all" else None

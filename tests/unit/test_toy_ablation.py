@@ -24,13 +24,15 @@ def test_each_student_trains_with_its_settings(name):
                 "tc_clean": ("step_first", "clean", 0.1, "bidirectional", 1),
                 "fkl_causal": ("step_first", "next", 0.1, "causal", 1),
                 "fkl_2steps": ("step_first", "next", 0.1, "bidirectional", 2),
-                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1),  # and 5x the generator lr
-                "hiar_fkl_long": ("step_first", "next", 0.1, "bidirectional", 1)}[name]
+                "recipe_old": ("step_first", "next", 0.1, "bidirectional", 1),
+                "recipe_ratio5": ("step_first", "next", 0.1, "bidirectional", 1),
+                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1)}[name]
     got = (cfg.sampler.order, cfg.sampler.context_level, cfg.fkl.weight, cfg.fkl.attention, cfg.fkl.num_steps)
     assert got == expected and cfg.task_name == f"{name}_s0"
-    long = name.endswith("_long")
-    assert cfg.trainer.max_steps == (ablation.LONG_STEPS if long else cfg.world.training.distill_steps)
-    assert cfg.task.optim.lr_generator == (1e-4 if long else 2e-5)
+    # (optimizer steps, generator update ratio, generator lr): the recipe unless the row is a point of its sweep
+    recipe = {"recipe_old": (156, 5, 2e-5), "recipe_ratio5": (240, 5, 1e-4), "hiar_long": (900, 2, 1e-4)}
+    got = (cfg.trainer.max_steps, cfg.task.gen_update_ratio, cfg.task.optim.lr_generator)
+    assert got == recipe.get(name, (300, 2, 1e-4))
 
 
 @pytest.mark.parametrize("row", ablation.ROWS, ids=lambda r: r.name)
@@ -61,6 +63,8 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
     hiar_fkl = next(r for r in ablation.ROWS if r.student == "hiar_fkl")
     for seed, values in zip([0, 1, 2], ([1, 0], [1, 1], [0, 0])):  # per-seed means 0.5, 1.0, 0.0
         (scores / f"{hiar_fkl.eval_key(seed)}.json").write_text(json.dumps(_scores(values)))
+    base = next(r for r in ablation.ROWS if r.student == ablation.ODE_INIT and r.sampling == hiar_fkl.sampling)
+    (scores / f"{base.eval_key(0)}.json").write_text(json.dumps(_scores([0, 0])))
     clean = next(r for r in ablation.ROWS if r.student == "tc_clean")
     (scores / f"{clean.eval_key(0)}.json").write_text(json.dumps(_scores([1, 0, 0, 0])))
     (scores / "fig4_hiar_s0.json").write_text(json.dumps({"points": [
@@ -86,6 +90,10 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
     row = results["rows"][hiar_fkl.name]
     assert row["seeds"] == 3 and row["videos"] == 6
     assert row["fidelity"][0] == pytest.approx(0.5) and row["fidelity"][1] == pytest.approx(0.5 / math.sqrt(3))
+    # paired with the ODE init video by video: per-seed mean differences 0.5, 1.0, 0.0 (as the fidelities)
+    assert row["fidelity_vs_ode_init"] == pytest.approx((0.5, 0.5 / math.sqrt(3)))
+    assert results["rows"][base.name]["fidelity_vs_ode_init"] is None
+    assert results["rows"][clean.name]["fidelity_vs_ode_init"] is None  # its ODE init row (t_c = 0) was not scored
     one_seed = results["rows"][clean.name]
     assert one_seed["seeds"] == 1 and one_seed["fidelity"][1] == pytest.approx(np.std([1, 0, 0, 0], ddof=1) / 2)
     assert results["rows"][next(r for r in ablation.ROWS if r.student == "hiar").name] is None
