@@ -245,7 +245,8 @@ def evaluate(out: Path, seeds: list[int], budget: Budget) -> None:
             key = row.eval_key(seed)
             path = scores_dir / f"{key}.json"
             student = weights(out, row.student, seed, row.which)
-            if key in done or path.exists() or not student.exists():
+            published = weights(out, row.student, seed)  # a raw generator only once its run has ended
+            if key in done or path.exists() or not student.exists() or not published.exists():
                 continue
             if not budget.left():
                 print(f"=== budget spent: {key} not evaluated")
