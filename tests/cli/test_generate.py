@@ -72,7 +72,7 @@ def test_clear_errors(tmp_path, checkpoint):
          f"output_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run")],
         capture_output=True, text=True, cwd=Path(CONF).parent,
     )
-    assert result.returncode != 0 and "checkpoint not found" in result.stderr
+    assert result.returncode != 0 and "checkpoint: file not found" in result.stderr
 
 
 def test_python_api_equals_src_generate(tmp_path, checkpoint):
