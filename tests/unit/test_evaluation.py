@@ -207,6 +207,7 @@ def test_vbench_missing_pieces_in_one_message(tmp_path):
         vbench_runner.check_vbench(dims, tmp_path / "cache", python=str(tmp_path / "no-venv" / "bin" / "python"))
     msg = str(err.value)
     assert "make vbench-env" in msg
+    assert f"VBENCH_CACHE_DIR={tmp_path / 'cache'} " in msg and "init_submodules(" in msg  # how to fill the cache
     for rel in ["raft_model/models/raft-things.pth", "pyiqa_model/musiq_spaq_ckpt-358bb6af.pth",
                 "clip_model/ViT-L-14.pt", "aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth"]:
         assert str(tmp_path / "cache" / rel) in msg
