@@ -54,3 +54,11 @@ def test_debug_preset_runs_on_every_stage(project, stage, preset, capsys):
     if preset == "profile":
         assert "Profiler Report" in capsys.readouterr().out
         assert list(run.glob("*profile*.txt"))
+
+
+def test_a_run_shorter_than_the_logging_interval_writes_metrics_csv(project):
+    """2 optimizer steps against trainer.log_every_n_steps=10: still a metrics.csv, at the path the README names."""
+    root, tiny = project
+    train(config(root, "short", ["experiment=ode_init", *tiny, "trainer.max_steps=2", "publish=false"]))
+    rows = (root / "runs" / "short" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith(("epoch", "step", "train")) and len(rows) == 3  # the header and one row per step

@@ -302,3 +302,16 @@ def test_fetch_weights_fills_the_layout_the_measures_check(tmp_path, monkeypatch
     fetch_weights.main(["--out", str(tmp_path)])
     for name in DRIFT_MEASURES:
         assert "missing weights" not in (_unavailable_reason(name, tmp_path) or "")
+
+
+def test_the_oracle_scores_clamped_pixels(monkeypatch):
+    """Pixels outside [-1, 1] are scored as the video file holding them (clamped) would be."""
+    from src.worlds.toy import oracle
+    from src.worlds.toy.shapes import parse_prompt, render_video
+
+    prompt = "a red circle moving left on a black background"
+    loud = render_video(parse_prompt(prompt), 15, 16, 16, 0) * 2.5 + 0.3
+    analysed, analyse = [], oracle.analyse_frames
+    monkeypatch.setattr(oracle, "analyse_frames", lambda frames, attrs: analysed.append(frames) or analyse(frames, attrs))
+    assert repr(oracle.score_video(loud, prompt)) == repr(oracle.score_video(loud.clamp(-1, 1), prompt))  # NaN-safe
+    assert torch.equal(analysed[0], loud.clamp(-1, 1))
