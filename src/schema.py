@@ -333,8 +333,7 @@ def describe(err: BaseException) -> str:
             name = missing.group(1)
             via = "" if name == key else f" (read by {key})"
             return f"{name}: no value given (???){via}: set it, e.g. {name}=<value>"
-        cause = err.__cause__
-        return f"{key}: {cause if isinstance(cause, ValueError | KeyError) else text}"
+        return f"{key}: {re.sub(r'^[A-Za-z]+ raised while resolving interpolation: ', '', text)}"
     return str(err)
 
 
