@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -45,10 +46,13 @@ def test_the_recipe_resolves_the_pinned_torch(tmp_path):
     if python is None:
         pytest.skip("VBench needs Python <= 3.11 and none is here")
     report = tmp_path / "report.json"
+    # as on a fresh machine: PyPI only, none of this machine's pip configuration (local wheels, caps)
+    env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_EXTRA_INDEX_URL")}
+    env["PIP_CONFIG_FILE"] = os.devnull
     result = subprocess.run(
         [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
          "-c", str(CONSTRAINTS), "-r", str(REQUIREMENTS), "torch", "torchvision"],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True, text=True, timeout=1200, env=env)
     if result.returncode and re.search(r"Network is unreachable|Temporary failure|Max retries", result.stderr):
         pytest.skip("PyPI went away during the resolution")
     assert result.returncode == 0, result.stderr[-3000:]
