@@ -81,14 +81,16 @@ eval: setup
 # VBench calls torch.load without weights_only. dreamsim, scenedetect and moviepy<2 are VBench-Long's undeclared imports.
 VBENCH_PYTHON     ?= python3.11
 VBENCH_VENV       ?= .venv-vbench
-VBENCH_TORCH_SPEC ?= torch==2.5.1 torchvision==0.20.1
+# Every install step runs under one constraints file (torch==2.5.1, torchvision==0.20.1), so no step moves torch.
+VBENCH_CONSTRAINTS ?= evaluation/vbench-constraints.txt
+VBENCH_TORCH_SPEC ?= torch torchvision
 vbench-env: $(VBENCH_VENV)/.installed
 
-$(VBENCH_VENV)/.installed:
+$(VBENCH_VENV)/.installed: $(VBENCH_CONSTRAINTS) evaluation/vbench-requirements.txt
 	$(VBENCH_PYTHON) -c 'import sys; assert sys.version_info[:2] <= (3, 11), "VBench needs Python <= 3.11"'
 	test -x $(VBENCH_VENV)/bin/python || $(VBENCH_PYTHON) -m venv $(VBENCH_VENV)
 	$(VBENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VBENCH_VENV)/bin/python -m pip install --quiet $(VBENCH_TORCH_SPEC)
-	$(VBENCH_VENV)/bin/python -m pip install --quiet "vbench==0.1.5" "dreamsim==0.1.3" scenedetect "moviepy<2"
+	$(VBENCH_VENV)/bin/python -m pip install --quiet -c $(VBENCH_CONSTRAINTS) $(VBENCH_TORCH_SPEC)
+	$(VBENCH_VENV)/bin/python -m pip install --quiet -c $(VBENCH_CONSTRAINTS) -r evaluation/vbench-requirements.txt
 	$(VBENCH_VENV)/bin/python -c "import vbench, vbench2_beta_long"
 	touch $@

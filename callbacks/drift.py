@@ -133,6 +133,23 @@ class DriftCallback(L.Callback):
             if self.oracle:
                 from src.worlds.toy import oracle  # noqa: F401  (fails now rather than at the first evaluation)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say when the evaluation will run, and warn when the run is too short for it to run at all."""
+        if not trainer.is_global_zero:
+            return
+        start, end = trainer.global_step, trainer.max_steps
+        if end is None or end < 0:
+            log.info("drift: every %d optimizer steps (no step limit)", self.every_n_steps)
+            return
+        steps = list(range((start // self.every_n_steps + 1) * self.every_n_steps, end + 1, self.every_n_steps))
+        if not steps:
+            log.warning("drift: callbacks.drift.every_n_steps=%d > the %d optimizer steps left (trainer.max_steps=%d): "
+                        "the drift evaluation never runs in this run", self.every_n_steps, end - start, end)
+        else:
+            shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+            log.info("drift: %d prompts x %d latent frames at optimizer steps %s (%d evaluations)", len(self.prompts),
+                     self.num_frames, shown, len(steps))
+
     def _load(self, device: torch.device) -> None:
         if self._measures is None:
             self._measures, self._unavailable = load_measures(self.weights_dir, self.measure_names, device)
@@ -157,7 +174,7 @@ class DriftCallback(L.Callback):
         pl_module.eval()
         try:
             with rng_fence(self.seed), torch.no_grad():
-                videos = pl_module.sample_videos(self.prompts, self.num_frames, self.seed)
+                videos = pl_module.sample_videos(self.prompts, self.num_frames, self.seed).clamp(-1, 1)  # as a file
         finally:
             pl_module.train(was_training)
         if videos.ndim != 5 or videos.shape[0] != len(self.prompts) or videos.shape[2] != 3:
@@ -241,13 +258,21 @@ class DriftCallback(L.Callback):
         history = self._history_figure()
         history.savefig(out_dir.parent / "history.png", dpi=100)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
             if isinstance(logger, WandbLogger):
-                logger.log_image("drift/segments", [str(out_dir / "segments.png")], step=step)
-                logger.log_image("drift/history", [str(out_dir.parent / "history.png")], step=step)
-                # a file keeps its own frame rate: wandb warns when fps is passed with a path
-                logger.log_video("drift/samples", [str(video_path)], step=step)
-            elif isinstance(logger, TensorBoardLogger):
+                import wandb
+
+                # one row, at the optimizer step: media logged alone sit at wandb's own step (its count of log calls)
+                logger.experiment.define_metric("drift/*", step_metric="trainer/global_step")
+                logger.experiment.log({
+                    **metrics, "trainer/global_step": step,
+                    "drift/segments": wandb.Image(str(out_dir / "segments.png")),
+                    "drift/history": wandb.Image(str(out_dir.parent / "history.png")),
+                    # a file keeps its own frame rate: wandb warns when fps is passed with a path
+                    "drift/samples": wandb.Video(str(video_path)),
+                })
+                continue
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("drift/segments", fig, global_step=step, close=False)
                 logger.experiment.add_figure("drift/history", history, global_step=step, close=False)
                 factor = upscale_factor("auto", *sheet.shape[-2:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
@@ -25,6 +26,15 @@ def iterations_for(max_steps: int, pl_module: L.LightningModule, accumulate: int
     return max_steps * accumulate
 
 
+def resumed_iterations(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Iterations done before this fit started: the module's iteration counter (restored from the checkpoint), else
+    the optimizer steps restored into the trainer."""
+    counter = getattr(pl_module, "iteration", None)
+    if isinstance(counter, torch.Tensor):
+        return int(counter)
+    return trainer.global_step * trainer.accumulate_grad_batches
+
+
 class IterationProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 10, process_position: int = 0):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=True)
@@ -32,7 +42,7 @@ class IterationProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._iterations = 0
+        self._iterations = resumed_iterations(trainer, pl_module)  # a resumed run (ckpt_path=) counts on from there
         max_steps = trainer.max_steps
         if trainer.fast_dev_run:
             total = int(trainer.fast_dev_run)
@@ -41,6 +51,7 @@ class IterationProgressBar(TQDMProgressBar):
         else:
             total = None
         self.train_progress_bar.reset(total=total)
+        self.train_progress_bar.n = self._iterations
         self.train_progress_bar.set_description("train (iterations)")
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:

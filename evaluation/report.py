@@ -70,21 +70,23 @@ COMPARED_MEASURES = ("fidelity", "direction_agreement", "motion")
 
 def paired_comparison(baseline: dict, method: dict, measures=COMPARED_MEASURES) -> dict:
     """`method` minus `baseline` (two summarise_method results) on the videos both have (same file name: the same
-    prompt and noise), per oracle segment and over the whole video (the mean of the segments), each as the mean and
-    standard error of the paired differences. The pairing removes the prompt-to-prompt spread both models share."""
+    prompt and noise), per oracle segment and over the whole video (the oracle's score of all its frames), each as the
+    mean and standard error of the paired differences. The pairing removes the prompt-to-prompt spread both models
+    share."""
     import numpy as np
 
     from src.worlds.toy.oracle import standard_error
 
-    ours = {v["name"]: v["oracle"]["segments"] for v in method["videos"] if "oracle" in v}
-    theirs = {v["name"]: v["oracle"]["segments"] for v in baseline["videos"] if "oracle" in v}
+    ours = {v["name"]: v["oracle"] for v in method["videos"] if "oracle" in v}
+    theirs = {v["name"]: v["oracle"] for v in baseline["videos"] if "oracle" in v}
     names = sorted(set(ours) & set(theirs))
     if not names:
         raise ValueError("the compared methods share no scored video (same file names: same prompts and seeds)")
     result = {"videos": len(names), "measures": {}}
     for m in measures:
-        diff = np.array([ours[n][m] for n in names]) - np.array([theirs[n][m] for n in names])  # [videos, segments]
-        whole = diff.mean(axis=1)
+        diff = (np.array([ours[n]["segments"][m] for n in names])
+                - np.array([theirs[n]["segments"][m] for n in names]))  # [videos, segments]
+        whole = np.array([ours[n][m] for n in names]) - np.array([theirs[n][m] for n in names])
         result["measures"][m] = {
             "per_segment": {"mean": diff.mean(axis=0).tolist(), "se": standard_error(diff).tolist()},
             "video": {"mean": float(whole.mean()), "se": float(standard_error(whole))},

@@ -31,6 +31,7 @@ from evaluation.models import load_measures
 from evaluation.report import jsonable, paired_comparison, summarise_method, write_report
 from evaluation.vbench_runner import LONG_VIDEO_S, VBenchUnavailable, check_vbench, run_vbench
 from src import artifacts
+from src.schema import check_eval, refusals
 from src.video_io import VideoEntry, list_videos, read_video, write_video
 
 artifacts.setup_root()  # conf/paths reads $HIAR_ROOT
@@ -212,8 +213,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Path]:
     return paths
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    with refusals(cfg):  # a refused command prints one line and leaves no run folder
+        check_eval(cfg)
+        if cfg.vbench.enabled:
+            check_vbench(list(cfg.vbench.dimensions), Path(cfg.vbench.cache_dir).expanduser(), cfg.vbench.python)
     try:
         evaluate(cfg)
     except VBenchUnavailable as err:

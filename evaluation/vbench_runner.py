@@ -84,12 +84,22 @@ def check_vbench(dimensions: list[str] | tuple[str, ...], cache_dir: str | Path,
         problems.append(f"the VBench environment: {python} does not exist (build it with `make vbench-env`)")
     elif not _cuda_available(python):
         problems.append(f"CUDA: torch in {python} sees no GPU (VBench's evaluators run on CUDA only)")
-    problems += [f"weight file {f}" for f in missing_files(dimensions, cache_dir)]
+    missing = missing_files(dimensions, cache_dir)
+    problems += [f"weight file {f}" for f in missing]
     if problems:
+        fill = (f"\nFill the cache on a machine with internet (VBench's local mode fetches each missing file with wget),"
+                f" then copy the folder here:\n  {fill_command(dimensions, cache_dir, python)}") if missing else ""
         raise VBenchUnavailable(
             "VBench cannot run; missing:\n  - " + "\n  - ".join(problems)
-            + f"\n(VBENCH_CACHE_DIR={cache_dir}; nothing is downloaded at run time)"
+            + f"\n(VBENCH_CACHE_DIR={cache_dir}; nothing is downloaded at run time)" + fill
         )
+
+
+def fill_command(dimensions: list[str] | tuple[str, ...], cache_dir: str | Path, python: str = DEFAULT_PYTHON) -> str:
+    """The command that downloads the weights of `dimensions` into `cache_dir` (VBench's init_submodules in local
+    mode, run by the VBench environment)."""
+    code = f"from vbench.utils import init_submodules; init_submodules({list(dimensions)!r}, local=True)"
+    return f"VBENCH_CACHE_DIR={cache_dir} {python} -c \"{code}\""
 
 
 def build_command(

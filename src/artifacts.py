@@ -294,6 +294,36 @@ def load_input(cfg: DictConfig, consumer: str, stage: Stage, current_inputs: dic
     return manifest
 
 
+def _carried_overrides() -> list[str]:
+    """The command-line overrides a missing stage must be built with too: the world and the paths (where it lands)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keep = ("world=", "world.", "paths.", "ode_pairs.", "+world", "inputs.")
+    return [o for o in HydraConfig.get().overrides.task if o.startswith(keep) and " " not in o]
+
+
+def check_missing_inputs(cfg: DictConfig) -> None:
+    """Every input stage of the stage ``cfg`` runs that does not exist, in chain order, each with its command, in one
+    error (MissingStageError); before any check of their contents (check_inputs)."""
+    stage = stage_of(cfg)
+    if stage is None:
+        return
+    missing = []
+    for name in (s for s in STAGES if s in stage.inputs):  # STAGES is in chain order
+        path = Path(str(OmegaConf.select(cfg, f"inputs.{name}")))
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            missing.append((name, path))
+    if missing:
+        extra = " ".join(_carried_overrides())
+        lines = [f"  {i}. {name} (expected at {path}): {STAGES[name].command}{' ' + extra if extra else ''}"
+                 for i, (name, path) in enumerate(missing, 1)]
+        raise MissingStageError(
+            f"{stage.name} needs {len(missing)} stage output(s) that do not exist; run, in this order:\n"
+            + "\n".join(lines) + "\n(or point inputs.<stage> at a run's export folder)")
+
+
 def check_inputs(cfg: DictConfig) -> dict[str, dict]:
     """Every input of the stage ``cfg`` runs, checked against ``cfg``; returns their manifests by stage name."""
     stage = stage_of(cfg)

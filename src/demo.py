@@ -36,7 +36,9 @@ STAGES = ["ode_pairs", "ode_init", "hiar_fkl"]
 def run(stage: str, args: list[str], timings: dict) -> None:
     print(f"\n=== {stage}: python {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT)
+    if done.returncode:  # the stage printed its own error above (a refusal: one line)
+        raise SystemExit(f"error: the demo stopped: stage {stage} exited with status {done.returncode}")
     timings[stage] = round(time.perf_counter() - start, 1)
     print(f"=== {stage} done in {timings[stage]} s", flush=True)
 

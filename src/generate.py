@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from src.api import HiAR, parse_schedule
 from src.io import atomic_write_text
+from src.schema import check_generate, refusals
 from src.video_io import upscale_factor
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,11 @@ def generate(cfg: DictConfig) -> list[Path]:
     return files
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),
+            config_name="generate")
 def main(cfg: DictConfig) -> None:
+    with refusals(cfg):  # a refused command prints one line and leaves no run folder
+        check_generate(cfg)
     generate(cfg)
 
 

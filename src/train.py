@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import artifacts
 from src.io import atomic_write_text
-from src.schema import validate_config
+from src.schema import check_train, refusals
 from src.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+def short_run_logging(trainer: DictConfig) -> dict:
+    """A run shorter than trainer.log_every_n_steps logs every iteration, so that any run writes metrics.csv."""
+    every, max_steps = trainer.get("log_every_n_steps"), trainer.get("max_steps")
+    return {"log_every_n_steps": 1} if every and max_steps and 0 < max_steps < every else {}
+
+
 def why_not_publish(cfg: DictConfig) -> str | None:
     """None when the stage's export may be published; else why not."""
     if not cfg.get("publish", True):
@@ -61,10 +67,16 @@ def why_not_publish(cfg: DictConfig) -> str | None:
     return None
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    validate_config(OmegaConf.to_container(cfg, resolve=True))  # types, ranges, outputs, input files: before any work
+def check(cfg: DictConfig) -> dict[str, dict]:
+    """Every check before any work (src/schema.py); returns the manifests of the stage's inputs."""
+    check_train(cfg, experiments())
+    return artifacts.check_inputs(cfg)  # a stale input is refused here
+
+
+def train(cfg: DictConfig, used: dict[str, dict] | None = None) -> dict[str, float]:
+    """Fit (or predict) the stage `cfg` runs; `used`: its inputs' manifests when `check` already ran."""
+    used = check(cfg) if used is None else used
     stage = artifacts.stage_of(cfg)
-    used = artifacts.check_inputs(cfg)  # before any work: a missing or stale input is refused here
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -76,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.task, _recursive_=False)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
+        **short_run_logging(cfg.trainer),
         callbacks=instantiate_all(cfg.get("callbacks")),
         logger=instantiate_all(cfg.get("logger")) or False,
         **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
@@ -98,15 +111,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    if cfg.get("task") is None:
-        raise SystemExit(f"choose a stage: python -m src.train experiment=<{'|'.join(experiments())}>")
     quiet_lightning()
-    try:
-        metrics = train(cfg)
-    except (artifacts.MissingStageError, artifacts.ProvenanceError) as err:
-        raise SystemExit(f"error: {err}") from None
+    with refusals(cfg):  # a refused command prints one line and leaves no run folder
+        used = check(cfg)
+    metrics = train(cfg, used)
     monitored = cfg.get("optimized_metric")
     return metrics.get(monitored) if monitored else None
 

@@ -368,6 +368,8 @@ class DistillTask(L.LightningModule):
         """Drops the stream's position tags after checking they are this iteration's and these samples'."""
         batch = dict(batch)
         iteration, index = batch.pop("iteration", None), batch.pop("index", None)
+        if self._trainer is not None and self.trainer.overfit_batches:
+            return batch  # debug=overfit: the stream repeats its first batch on purpose
         if iteration is not None and int(iteration) != int(self.iteration):
             raise RuntimeError(f"data stream at iteration {int(iteration)}, task at {int(self.iteration)}")
         size = len(batch["critic_prompt" if "critic_prompt" in batch else "prompt"])

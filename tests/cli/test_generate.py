@@ -72,7 +72,7 @@ def test_clear_errors(tmp_path, checkpoint):
          f"output_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run")],
         capture_output=True, text=True, cwd=Path(CONF).parent,
     )
-    assert result.returncode != 0 and "checkpoint not found" in result.stderr
+    assert result.returncode != 0 and "checkpoint: file not found" in result.stderr
 
 
 def test_python_api_equals_src_generate(tmp_path, checkpoint):
@@ -122,3 +122,23 @@ def test_prompt_schedule(tmp_path, checkpoint):
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["switch_every"] == 3 and settings["videos"][0]["prompt"] == f"{left} | {up}"
     assert pixel_format(file) == "yuv420p"
+
+
+def test_api_pixels_are_clamped_as_a_video_file_holds_them(checkpoint):
+    """A decoder overshoots [-1, 1] (distilled students more than their ODE init): HiAR.generate and HiAR.stream clamp,
+    so the tensors are what src.generate writes and what every evaluation scores."""
+    from src.api import HiAR
+
+    pipe = HiAR.from_checkpoint(checkpoint, device="cpu", overrides=["model_config=null", "sampler.steps=[1000,500]"])
+    make = pipe.codec.streaming_decoder
+
+    def loud():  # the toy codec's decoder, overshooting 3x
+        decoder = make()
+        inner = decoder.decode_next
+        decoder.decode_next = lambda latents: inner(latents) * 3
+        return decoder
+
+    pipe.codec.streaming_decoder = loud
+    video = pipe.generate(["a red circle moving left on a black background"], num_frames=6)
+    assert video.min() == -1 and video.max() == 1  # reached and held
+    assert all(block.pixels.abs().max() <= 1 for block in pipe.stream("a blue square", num_frames=6))

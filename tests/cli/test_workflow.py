@@ -94,10 +94,11 @@ def test_missing_stage_and_missing_experiment_each_give_one_line(tmp_path):
     no_experiment = cli(["-m", "src.train"], tmp_path, tmp_path, wait=False)  # both at once: start-up dominates
     _, err = missing_stage.communicate(timeout=600)
     assert missing_stage.returncode != 0
-    assert "ode_init needs ode_pairs" in err and "run `python -m src.train experiment=ode_pairs` first" in err
+    assert "ode_init needs 1 stage output(s) that do not exist" in err
+    assert f"1. ode_pairs (expected at {tmp_path}/artifacts/toy/ode_pairs): python -m src.train experiment=ode_pairs" in err
     _, err = no_experiment.communicate(timeout=600)
     assert no_experiment.returncode != 0 and err.strip().splitlines()[-1] == (
-        "choose a stage: python -m src.train experiment=<hiar|hiar_fkl|ode_init|ode_pairs|self_forcing|teacher_toy|"
+        "error: choose a stage: python -m src.train experiment=<hiar|hiar_fkl|ode_init|ode_pairs|self_forcing|teacher_toy|"
         "teacher_toy_anneal>")
 
 

@@ -110,3 +110,51 @@ def test_fires_when_the_step_count_jumps_over_a_multiple(tmp_path):
         Trainer.global_step = step
         callback.on_train_batch_end(Trainer, None, None, None, 0)
     assert fired == [8, 14]
+
+
+def test_schedule_is_printed_and_a_run_too_short_is_warned_about(caplog):
+    class Trainer:
+        is_global_zero, global_step, max_steps = True, 0, 300
+
+    callback = DriftCallback(prompts=["p"], every_n_steps=150, num_frames=4)
+    with caplog.at_level("INFO", logger="callbacks.drift"):
+        callback.on_train_start(Trainer, None)
+    assert "at optimizer steps 150, 300 (2 evaluations)" in caplog.text
+    caplog.clear()
+    Trainer.max_steps = 10
+    with caplog.at_level("INFO", logger="callbacks.drift"):
+        callback.on_train_start(Trainer, None)
+    assert "callbacks.drift.every_n_steps=150 > the 10 optimizer steps left" in caplog.text
+    assert caplog.records[-1].levelname == "WARNING"
+
+
+def test_wandb_media_sit_at_the_optimizer_step(tmp_path, monkeypatch):
+    """wandb gets one row per evaluation holding the scalars, the plots and the video with trainer/global_step (media
+    logged alone would sit at wandb's own step); and every score is of clamped pixels, as a video file holds."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    rows, defined = [], []
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    logger._experiment = type("Run", (), {"log": lambda self, row, **kw: rows.append((row, kw)),
+                                          "define_metric": lambda self, *a, **kw: defined.append((a, kw))})()
+    callback = DriftCallback(prompts=["a red circle moving left on a black background"], every_n_steps=2,
+                             num_frames=15, fps=4.0, oracle=True)
+
+    class Loud(TinyModule):
+        def sample_videos(self, prompts, num_frames, seed):
+            return super().sample_videos(prompts, num_frames, seed) * 3  # a decoder overshooting [-1, 1]
+
+    trainer = type("T", (), {"loggers": [logger], "log_dir": str(tmp_path), "is_global_zero": True})()
+    loud = callback.evaluate(trainer, Loud(), 4)
+    row, kwargs = rows[-1]
+    assert row["trainer/global_step"] == 4 and not kwargs  # no wandb step of its own
+    assert {"drift/segments", "drift/history", "drift/samples", "drift/score"} <= set(row)
+    assert defined == [(("drift/*",), {"step_metric": "trainer/global_step"})]
+    class Clamped(Loud):
+        def sample_videos(self, prompts, num_frames, seed):
+            return super().sample_videos(prompts, num_frames, seed).clamp(-1, 1)
+
+    clamped = callback.evaluate(trainer, Clamped(), 6)
+    assert repr(sorted(loud.items())) == repr(sorted(clamped.items()))  # NaN-safe

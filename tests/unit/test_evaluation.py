@@ -207,6 +207,7 @@ def test_vbench_missing_pieces_in_one_message(tmp_path):
         vbench_runner.check_vbench(dims, tmp_path / "cache", python=str(tmp_path / "no-venv" / "bin" / "python"))
     msg = str(err.value)
     assert "make vbench-env" in msg
+    assert f"VBENCH_CACHE_DIR={tmp_path / 'cache'} " in msg and "init_submodules(" in msg  # how to fill the cache
     for rel in ["raft_model/models/raft-things.pth", "pyiqa_model/musiq_spaq_ckpt-358bb6af.pth",
                 "clip_model/ViT-L-14.pt", "aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth"]:
         assert str(tmp_path / "cache" / rel) in msg
@@ -306,23 +307,22 @@ def test_fetch_weights_fills_the_layout_the_measures_check(tmp_path, monkeypatch
 def test_paired_comparison_is_the_mean_and_standard_error_of_per_video_differences():
     from evaluation.report import paired_comparison
 
-    def method(per_video):
-        return {"videos": [{"name": f"v{i}.mp4", "oracle": {"segments": {"fidelity": f}}}
-                           for i, f in enumerate(per_video)]}
+    def method(per_video):  # (whole-video score, per-segment scores) per video
+        return {"videos": [{"name": f"v{i}.mp4", "oracle": {"fidelity": whole, "segments": {"fidelity": segments}}}
+                           for i, (whole, segments) in enumerate(per_video)]}
 
-    baseline = method([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    student = method([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # v3 is missing: only shared videos are paired
+    baseline = method([(0.0, [0.0, 0.0]), (0.0, [1.0, 0.0]), (1.0, [0.0, 1.0]), (1.0, [1.0, 1.0])])
+    student = method([(1.0, [1.0, 0.0]), (1.0, [1.0, 1.0]), (1.0, [1.0, 1.0])])  # v3 missing: only shared ones pair
     result = paired_comparison(baseline, student, measures=("fidelity",))
-    diff = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
     assert result["videos"] == 3
     fidelity = result["measures"]["fidelity"]
+    # per segment the differences are {1, 0, 1} and {0, 1, 0}: mean 2/3 and 1/3, sd sqrt(1/3), se 1/3
     assert fidelity["per_segment"]["mean"] == pytest.approx([2 / 3, 1 / 3])
-    # per segment: values {1, 0, 1} -> sd sqrt(1/3), se sqrt(1/3)/sqrt(3) = 1/3
     assert fidelity["per_segment"]["se"] == pytest.approx([1 / 3, 1 / 3])
-    whole = [sum(d) / 2 for d in diff]  # 0.5 each: no spread
-    assert fidelity["video"] == pytest.approx({"mean": sum(whole) / 3, "se": 0.0})
+    # the whole video (the oracle's 20 s score, not the mean of segments): differences {1, 1, 0}
+    assert fidelity["video"] == pytest.approx({"mean": 2 / 3, "se": 1 / 3})
     with pytest.raises(ValueError, match="share no scored video"):
-        paired_comparison(method([[1.0]]), {"videos": [{"name": "other.mp4", "oracle": {"segments": {}}}]})
+        paired_comparison(method([(1.0, [1.0])]), {"videos": [{"name": "other.mp4", "oracle": {"segments": {}}}]})
 
 
 def test_eval_compares_two_methods_on_the_same_prompts_with_the_real_oracle(tmp_path):
@@ -350,3 +350,16 @@ def test_eval_compares_two_methods_on_the_same_prompts_with_the_real_oracle(tmp_
     with pytest.raises(ValueError, match="compare"):
         evaluate(eval_config(tmp_path, f"videos_dir={videos}", "reference.enabled=false", "measures=[]",
                              "compare=[[frozen, absent]]"))
+
+
+def test_the_oracle_scores_clamped_pixels(monkeypatch):
+    """Pixels outside [-1, 1] are scored as the video file holding them (clamped) would be."""
+    from src.worlds.toy import oracle
+    from src.worlds.toy.shapes import parse_prompt, render_video
+
+    prompt = "a red circle moving left on a black background"
+    loud = render_video(parse_prompt(prompt), 15, 16, 16, 0) * 2.5 + 0.3
+    analysed, analyse = [], oracle.analyse_frames
+    monkeypatch.setattr(oracle, "analyse_frames", lambda frames, attrs: analysed.append(frames) or analyse(frames, attrs))
+    assert repr(oracle.score_video(loud, prompt)) == repr(oracle.score_video(loud.clamp(-1, 1), prompt))  # NaN-safe
+    assert torch.equal(analysed[0], loud.clamp(-1, 1))

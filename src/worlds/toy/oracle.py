@@ -213,7 +213,7 @@ def _attributes(prompt_or_attrs) -> dict:
 
 def score_video(frames: torch.Tensor, prompt_or_attrs, segments: int = 5) -> dict:
     """Scores one video [T, 3, H, W] in [-1, 1] against its prompt (or attribute dict); see the module docstring."""
-    frames = torch.as_tensor(frames).detach().float().cpu()
+    frames = torch.as_tensor(frames).detach().float().cpu().clamp(-1, 1)  # what a video file holds
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [T, 3, H, W], got {tuple(frames.shape)}")
     num_frames = frames.shape[0]

@@ -22,7 +22,7 @@ def check_files(required: Mapping[str, str | Path]) -> None:
         lines = "\n".join(f"  - {name}: expected at {path}" for name, path in missing)
         raise FileNotFoundError(
             f"{len(missing)} Wan2.1 file(s) missing (nothing is downloaded at run time; "
-            f"point paths.wan_root at your local copy, see {DOCS}):\n{lines}"
+            f"point world.paths.wan_root / world.paths.teacher_root at your local copies, see {DOCS}):\n{lines}"
         )
 
 
@@ -75,3 +75,22 @@ def world_files(world) -> dict[str, Path]:
 def check_world_files(world) -> None:
     """Check the whole Wan world up front, so a user sees every missing file in one error."""
     check_files(world_files(world))
+
+
+def stage_files(world, stage: str) -> dict[str, Path]:
+    """The files one stage reads, and only those: ode_pairs the text encoder and the ODE teacher; ode_init the text
+    encoder and the base DiT it starts from; distill (the students) the text encoder, the VAE, the teacher and the
+    base DiT of the critic; generate the text encoder and the VAE (its checkpoint is checked on its own)."""
+    text = {**weights_files("text encoder", world.text_encoder.weights, "model"),
+            **tokenizer_files(world.text_encoder.tokenizer)}
+    vae = weights_files("VAE", world.codec.weights, "diffusion_pytorch_model")
+    if stage == "ode_pairs":
+        return {**text, **weights_files("ODE teacher DiT", world.ode_teacher_checkpoint, "diffusion_pytorch_model")}
+    if stage == "ode_init":
+        return {**text, **weights_files("ODE-init base DiT", world.critic_init, "diffusion_pytorch_model")}
+    if stage == "distill":
+        return {**text, **vae, **weights_files("teacher DiT", world.teacher_checkpoint, "diffusion_pytorch_model"),
+                **weights_files("critic base DiT", world.critic_init, "diffusion_pytorch_model")}
+    if stage == "generate":
+        return {**text, **vae}
+    raise ValueError(f"unknown stage {stage!r}: ode_pairs | ode_init | distill | generate")
