@@ -41,6 +41,7 @@ from src.io import (
     atomic_write_text,
     clean_partial,
     exclusive_lock,
+    file_mode,
     replace_link,
     sha256_file,
 )
@@ -432,12 +433,6 @@ def tidy_stage(artifacts_dir: str | Path, stage: str) -> None:
             shutil.rmtree(folder)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publish(export_dir: str | Path, artifacts_dir: str | Path, stage: str) -> Path:
     """Verifies the export (complete, unchanged since its manifest), copies it (hard links where possible) into a new
     version folder with ``published.json`` naming its run, then points ``<artifacts_dir>/<stage>`` at it in one rename.
@@ -449,7 +444,7 @@ def publish(export_dir: str | Path, artifacts_dir: str | Path, stage: str) -> Pa
         tidy_stage(artifacts_dir, stage)
         versions = _versions(artifacts_dir, stage)
         version = artifacts_dir / VERSIONS / stage / _version_name(max(versions, default=0) + 1, manifest)
-        mode = 0o666 & ~_umask()
+        mode = file_mode()
         with atomic_path(version) as tmp:
             copied = False
             for name in manifest["files"]:

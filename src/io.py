@@ -13,6 +13,8 @@ never lost.
 A write that fails for want of space (ENOSPC, EDQUOT, or torch's "unexpected pos" when the zip writer comes up short)
 raises ``DiskFullError``: "no space left on device", the path, and that the previous file is kept.
 
+Files get the mode the umask gives (``file_mode``), whatever mode their writer created them with.
+
 ``replace_link`` points a symlink elsewhere by renaming a new link over it (a reader resolves the old target or the new
 one, never nothing); ``exclusive_lock`` serialises the processes that take it (fcntl), for src.artifacts.publish.
 """
@@ -61,6 +63,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir():
             commit_folder(tmp, path)
         else:
+            os.chmod(tmp, file_mode())  # some writers (safetensors) create 0600 whatever the umask
             _fsync_file(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -113,6 +116,20 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def file_mode() -> int:
+    """0666 less the process umask: the mode a plain new file gets (0644 under the usual 022). Read from /proc, since
+    setting the umask to read it would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def commit_folder(tmp: str | Path, path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from test_reliability import TINY_OVERRIDES
 from src import artifacts
 from src.artifacts import MANIFEST, PUBLISHED, VERSIONS, ProvenanceError, Stage
 from src.checkpoints import export_training_checkpoint
-from src.io import OLD_MARK, TMP_MARK, DiskFullError, atomic_write_text, verify_checksum
+from src.io import OLD_MARK, TMP_MARK, DiskFullError, atomic_write_text, file_mode, verify_checksum
 from src.training import checkpoint_io
 from src.training.checkpoint_io import AtomicCheckpointIO, IterationCheckpoint, read_checkpoint, resume_path
 from src.training.data import DistillDataModule
@@ -140,6 +140,8 @@ def test_a_resume_at_max_steps_still_exports_from_the_final_checkpoint(teacher, 
     resumed = fit(teacher, shards, tmp_path / "b", 2, ckpt_path=tmp_path / "a" / "ckpt" / "last.ckpt")
     assert resumed.exported is None  # on_train_end did not run
     assert weights(export_and_publish(resumed, tmp_path / "artifacts")) == want  # deterministic model.pt bytes too
+    exported = tmp_path / "b" / "export"  # the umask's mode (safetensors alone would make student.safetensors 0600)
+    assert all((exported / n).stat().st_mode & 0o777 == file_mode() for n in WEIGHTS)
     student = tmp_path / "b" / "export" / "student.safetensors"
     data = student.read_bytes()
     student.unlink()  # a new file: the published version holds a hard link to the old one
