@@ -5,10 +5,14 @@
   so ``conf/paths`` reads it as ``${oc.env:HIAR_ROOT}``.
 * Run folders: ``${hiar_run_id:}`` is unique per process (pid + random), so two runs started in the same second get
   two folders.
-* A stage exports into ``<run>/export/`` with a manifest, ``provenance.json``: the stage, the settings that made it,
-  the digests of its input files (teacher, base weights) and the ids of the upstream artifacts it read, the digest of
-  every file it wrote. ``publish`` then places the folder at ``<artifacts_dir>/<stage>`` by an atomic rename
-  (``src.io``), with ``published.json`` naming the run it came from. Sweep jobs and ``fast_dev_run`` never publish.
+* A stage exports into ``<run>/export/`` with a manifest, ``provenance.json``, written only once every file the
+  export must hold is there: the stage, the settings that made it, the digests of its input files (teacher, base
+  weights) and the ids of the upstream artifacts it read, the digest of every file it wrote.
+* ``publish`` verifies the export against its manifest (an incomplete or changed one is refused), places a copy (hard
+  links) in a new version folder ``<artifacts_dir>/.versions/<stage>/<n>-<id>`` with ``published.json`` naming the run
+  it came from, and points the link ``<artifacts_dir>/<stage>`` at it by one atomic rename: a reader finds the previous
+  version or the new one, never no stage and never a partial one. Publishers take turns (an fcntl lock); each first
+  repairs what an interrupted one left (``tidy_stage``). Sweep jobs and ``fast_dev_run`` never publish.
 * A consumer names its inputs (``inputs.ode_pairs``, ``inputs.ode_init``; default: the published ones) and
   ``check_inputs`` refuses any whose manifest disagrees with the consumer's config, saying what differs and the
   command that rebuilds it.
@@ -20,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -29,7 +34,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.io import atomic_path, atomic_write_text, sha256_file
+from src.io import (
+    OLD_MARK,
+    TMP_MARK,
+    atomic_path,
+    atomic_write_text,
+    clean_partial,
+    exclusive_lock,
+    file_mode,
+    replace_link,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +53,10 @@ RUN_ID_ENV = "HIAR_RUN_ID"
 ROOT_MARKER = "pyproject.toml"
 MANIFEST = "provenance.json"
 PUBLISHED = "published.json"
+VERSIONS = ".versions"  # <artifacts_dir>/.versions/<stage>/<n>-<id>: the published versions a stage link points at
+# a replaced version stays this long (and the last replaced one until the next publish): a reader that resolved the
+# stage link just before a publish still finds every file of the version it resolved
+REPLACED_GRACE_S = 60.0
 # files larger than this are identified by name, size and mtime rather than hashed (a Wan DiT is tens of GB)
 FULL_HASH_LIMIT = 2 << 30
 
@@ -188,17 +207,32 @@ def input_file_digests(cfg: DictConfig, stage: Stage) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------- manifests
 
 
+def artifact_folder(path: str | Path) -> Path:
+    """The folder of an artifact (itself, or the folder holding an artifact file), its links resolved once: a published
+    stage is a link that a publish may point elsewhere, and a reader must read one version, not two."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent).resolve()
+
+
 def read_manifest(path: str | Path) -> dict | None:
     """The manifest of an artifact folder, or of the folder holding an artifact file; None when there is none."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    manifest = folder / MANIFEST
+    manifest = artifact_folder(path) / MANIFEST
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
-def write_manifest(export_dir: str | Path, cfg: DictConfig, stage: Stage, inputs: dict[str, dict]) -> dict:
-    """manifest.json for the files in export_dir; returns it (with its ``id``, a digest of everything but the time)."""
+class ExportError(RuntimeError):
+    """An export that is not complete: a file it must hold is missing."""
+
+
+def write_manifest(export_dir: str | Path, cfg: DictConfig, stage: Stage, inputs: dict[str, dict],
+                   required: list[str | Path] = ()) -> dict:
+    """manifest.json for the files in export_dir, written only when every ``required`` file (the files the stage's
+    export step wrote) is there; returns it (with its ``id``, a digest of everything but the time)."""
     export_dir = Path(export_dir)
+    missing = [str(f) for f in required if not (export_dir / f).is_file()]
+    if missing:
+        raise ExportError(f"the export in {export_dir} is incomplete (missing {', '.join(missing)}): no manifest "
+                          "written; resume the run from its last checkpoint to export again")
     files = {str(p.relative_to(export_dir)): file_digest(p) for p in sorted(export_dir.rglob("*"))
              if p.is_file() and p.name not in (MANIFEST, PUBLISHED) and not p.name.startswith(".")}
     body = {
@@ -218,10 +252,10 @@ def write_manifest(export_dir: str | Path, cfg: DictConfig, stage: Stage, inputs
 
 def verify_artifact(path: str | Path) -> dict | None:
     """At a load site: the files of the artifact at ``path`` are those its manifest recorded (None when it has none)."""
-    manifest = read_manifest(path)
+    folder = artifact_folder(path)
+    manifest = read_manifest(folder)
     if manifest is None:
         return None
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
     for name, digest in manifest["files"].items():
         file = folder / name
         if not file.is_file():
@@ -257,14 +291,29 @@ def mismatches(manifest: dict, cfg: DictConfig, stage: Stage, current_inputs: di
     for name, now in input_file_digests(cfg, stage).items():
         made = manifest["input_files"].get(name, {})
         if made.get("digest") != now["digest"]:
-            problems.append((None, f"{name} weights: made from {made.get('path')} ({str(made.get('digest'))[:12]}), "
-                                   f"this run uses {now['path']} ({now['digest'][:12]})"))
+            key = stage.input_files[name] if OmegaConf.select(cfg, stage.input_files[name]) else "world.teacher_checkpoint"
+            problems.append((_source_key(cfg, key), f"{name} weights: made from {made.get('path')} "
+                             f"({str(made.get('digest'))[:12]}), this run uses {now['path']} ({now['digest'][:12]})"))
     for name, current in (current_inputs or {}).items():
         made = manifest["inputs"].get(name)
         if made is not None and made["id"] != current["id"]:
             problems.append((None, f"{name}: made from {name} {made['id']} (run {made.get('run_dir')}), "
                                    f"this run uses {name} {current['id']} (run {current.get('run_dir')})"))
     return problems
+
+
+def _source_key(cfg: DictConfig, key: str) -> str:
+    """The key a value is set at: ``world.ode_teacher_checkpoint: ${world.teacher_checkpoint}`` gives
+    world.teacher_checkpoint, the key whose override changes every stage that reads it."""
+    for _ in range(8):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raw = node._get_node(leaf)._value() if OmegaConf.is_dict(node) and leaf in node else None
+        match = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        if match is None:
+            return key
+        key = match.group(1)
+    return key
 
 
 def _override(key: str, value) -> str:
@@ -337,29 +386,112 @@ def check_inputs(cfg: DictConfig) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------- publishing
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard links where the filesystem allows (a Wan checkpoint is not copied), else a copy."""
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard links where the filesystem allows (a Wan checkpoint is not copied), else a copy; True when linked."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
+        return True
     except OSError:
         shutil.copy2(src, dst)
+        return False
+
+
+def verify_export(export_dir: str | Path) -> dict:
+    """The manifest of a complete export: every file it lists is there with its digest (else ProvenanceError)."""
+    manifest = verify_artifact(export_dir)
+    if manifest is None:
+        raise ProvenanceError(f"{export_dir} has no {MANIFEST}: nothing is published without provenance (an export "
+                              "killed before it was complete has none; resume the run to finish it)")
+    return manifest
+
+
+def _versions(artifacts_dir: Path, stage: str) -> dict[int, Path]:
+    """The complete version folders of a stage by number (a version is renamed to its name only once complete)."""
+    folder = artifacts_dir / VERSIONS / stage
+    found = {}
+    for p in folder.iterdir() if folder.is_dir() else ():
+        number = p.name.split("-", 1)[0]
+        if p.is_dir() and not p.name.startswith(".") and number.isdigit():
+            found[int(number)] = p
+    return found
+
+
+def _version_name(number: int, manifest: dict | None) -> str:
+    return f"{number:06d}-{(manifest or {}).get('id', 'unrecorded')}"
+
+
+def tidy_stage(artifacts_dir: str | Path, stage: str) -> None:
+    """What interrupted publishers left, repaired (call it holding the stage's lock): their temporaries go; a stage
+    folder published before stages were links becomes a version; a missing or dangling link (a kill between the
+    aside-rename and the rename-in of the folder swap of old, or before a first link) points at the newest complete
+    version again; a version made but never linked goes, and so do replaced ones, but the last and any replaced in
+    the last REPLACED_GRACE_S seconds (a reader may be in them)."""
+    artifacts_dir = Path(artifacts_dir)
+    link = artifacts_dir / stage
+    versions_dir = artifacts_dir / VERSIONS / stage
+    versions_dir.mkdir(parents=True, exist_ok=True)
+    clean_partial(versions_dir)  # a killed publisher's version folder, never renamed to its name
+    versions = _versions(artifacts_dir, stage)
+    number = max(versions, default=0) + 1
+    asides = sorted(artifacts_dir.glob(f".{stage}{OLD_MARK}*"))  # the folder swap of old, killed between renames
+    if link.is_dir() and not link.is_symlink():  # published before stages were links: the folder becomes a version
+        versions[number] = versions_dir / _version_name(number, read_manifest(link))
+        os.replace(link, versions[number])
+        number += 1
+    elif not os.path.lexists(link) and asides:
+        versions[number] = versions_dir / _version_name(number, read_manifest(asides[-1]))
+        os.replace(asides[-1], versions[number])
+        number += 1
+    for leftover in [*artifacts_dir.glob(f".{stage}{OLD_MARK}*"), *artifacts_dir.glob(f".{stage}{TMP_MARK}*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    if versions and not link.exists():  # missing, or pointing at nothing
+        replace_link(link, os.path.relpath(versions[max(versions)], artifacts_dir))
+    by_folder = {v.resolve(): n for n, v in versions.items()}
+    current = by_folder.get(link.resolve()) if link.exists() else None
+    if current is None:
+        return
+    order = sorted(versions)
+    replaced_at = {n: versions[after].stat().st_mtime for n, after in zip(order, order[1:])}
+    previous = max((n for n in versions if n < current), default=None)
+    for n, folder in versions.items():
+        never_linked = n > current  # made by a publisher killed before its swap: no reader ever saw it
+        if never_linked or (n < current and n != previous and time.time() - replaced_at[n] > REPLACED_GRACE_S):
+            shutil.rmtree(folder)
 
 
 def publish(export_dir: str | Path, artifacts_dir: str | Path, stage: str) -> Path:
-    """Places export_dir at ``<artifacts_dir>/<stage>`` in one rename, with published.json naming its run."""
-    export_dir, target = Path(export_dir), Path(artifacts_dir) / stage
-    manifest = read_manifest(export_dir)
-    if manifest is None:
-        raise ProvenanceError(f"{export_dir} has no {MANIFEST}: nothing is published without provenance")
-    with atomic_path(target) as tmp:
-        for file in export_dir.rglob("*"):
-            if file.is_file():
-                _link_or_copy(file, tmp / file.relative_to(export_dir))
-        record = {"stage": stage, "id": manifest["id"], "run_dir": manifest["run_dir"], "export_dir": str(export_dir),
-                  "published": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid()}
-        (tmp / PUBLISHED).write_text(json.dumps(record, indent=2))
-    return target
+    """Verifies the export (complete, unchanged since its manifest), copies it (hard links where possible) into a new
+    version folder with ``published.json`` naming its run, then points ``<artifacts_dir>/<stage>`` at it in one rename.
+    Returns the stage link. The published files' mode follows the umask (0644 under the usual 022)."""
+    export_dir, artifacts_dir = Path(export_dir), Path(artifacts_dir)
+    manifest = verify_export(export_dir)
+    link = artifacts_dir / stage
+    with exclusive_lock(artifacts_dir / f".{stage}.lock"):
+        tidy_stage(artifacts_dir, stage)
+        versions = _versions(artifacts_dir, stage)
+        version = artifacts_dir / VERSIONS / stage / _version_name(max(versions, default=0) + 1, manifest)
+        mode = file_mode()
+        with atomic_path(version) as tmp:
+            copied = False
+            for name in manifest["files"]:
+                copied |= not _link_or_copy(export_dir / name, tmp / name)
+                os.chmod(tmp / name, mode)
+            shutil.copy2(export_dir / MANIFEST, tmp / MANIFEST)
+            record = {"stage": stage, "id": manifest["id"], "run_dir": manifest["run_dir"],
+                      "export_dir": str(export_dir), "published": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "host": socket.gethostname(), "pid": os.getpid()}
+            (tmp / PUBLISHED).write_text(json.dumps(record, indent=2))
+            for file in (tmp / MANIFEST, tmp / PUBLISHED):
+                os.chmod(file, mode)
+            if copied:  # a copy is read back (a hard link is the verified file itself)
+                verify_export(tmp)
+        replace_link(link, os.path.relpath(version, artifacts_dir))
+        tidy_stage(artifacts_dir, stage)  # the version replaced now stays (a reader may be in it), older ones go
+    return link
 
 
 def stale_reason(cfg: DictConfig) -> str | None:

@@ -326,5 +326,7 @@ def export_training_checkpoint(path: str | Path, **models: torch.nn.Module | dic
             continue
         state = module.state_dict() if isinstance(module, torch.nn.Module) else module
         out[name] = {"model." + k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        torch.save(out, tmp)
+    # through a file object: torch names the zip records "archive/...", not after the temporary file, so equal weights
+    # give equal bytes
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(out, f)

@@ -9,11 +9,21 @@ A folder (a DeepSpeed checkpoint) is written whole into a temporary sibling fold
 folder is first renamed aside (``.<name>.old-*``), the new one renamed into place, then the old one removed. A kill
 between the two renames leaves only the aside copy, which ``clean_partial`` renames back, so the previous folder is
 never lost.
+
+A write that fails for want of space (ENOSPC, EDQUOT, or torch's "unexpected pos" when the zip writer comes up short)
+raises ``DiskFullError``: "no space left on device", the path, and that the previous file is kept.
+
+Files get the mode the umask gives (``file_mode``), whatever mode their writer created them with.
+
+``replace_link`` points a symlink elsewhere by renaming a new link over it (a reader resolves the old target or the new
+one, never nothing); ``exclusive_lock`` serialises the processes that take it (fcntl), for src.artifacts.publish.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -53,12 +63,73 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir():
             commit_folder(tmp, path)
         else:
+            os.chmod(tmp, file_mode())  # some writers (safetensors) create 0600 whatever the umask
             _fsync_file(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        if is_disk_full(err):
+            kept = "the previous one is kept" if os.path.lexists(path) else "nothing was written"
+            raise DiskFullError(errno.ENOSPC, f"no space left on device: writing {path} failed ({err}); {kept}. "
+                                              f"Free space in {path.parent} and run again", str(path)) from err
         raise
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space; errno ENOSPC, filename the destination."""
+
+
+# what torch's zip writer (inline_container.cc) and safetensors raise when a write comes up short
+_SHORT_WRITE = ("unexpected pos", "file write failed", "No space left on device", "os error 28")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, Exception) and any(m in str(err) for m in _SHORT_WRITE)
+
+
+def replace_link(link: str | Path, target: str) -> None:
+    """Points the symlink ``link`` at ``target`` by renaming a new link over it: atomic, so a reader resolves the old
+    target or the new one, never nothing. ``link`` must not be a real folder (a rename cannot replace one)."""
+    link = Path(link)
+    tmp = temporary_sibling(link)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(link.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Holds an exclusive fcntl lock on the file ``path`` (created, never removed) for the block; other processes
+    taking it wait. Released by the kernel when the process dies, so a kill never leaves it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def file_mode() -> int:
+    """0666 less the process umask: the mode a plain new file gets (0644 under the usual 022). Read from /proc, since
+    setting the umask to read it would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def commit_folder(tmp: str | Path, path: str | Path) -> Path:
@@ -103,7 +174,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checksum: bool
     with atomic_path(path) as tmp:
         write(tmp)
     if checksum:
-        write_checksum(path)
+        try:
+            write_checksum(path)
+        except BaseException:  # a stale checksum beside the new content would refuse it: leave none
+            Path(str(path) + CHECKSUM_SUFFIX).unlink(missing_ok=True)
+            raise
     return path
 
 

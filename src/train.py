@@ -1,7 +1,8 @@
 """Training entry point: `python -m src.train experiment=hiar_fkl` (any stage is an experiment config).
 
 Thin on purpose: compose, check the stage's inputs against their manifests, instantiate the datamodule, the
-LightningModule, callbacks, loggers and trainer, fit; then write the export's manifest and publish it (src/artifacts.py).
+LightningModule, callbacks, loggers and trainer, fit; export (a step of its own: also after a resume with nothing left to
+train); then write the export's manifest and publish it (src/artifacts.py).
 The resolved config is saved as <run>/config.yaml, not printed.
 """
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import artifacts
 from src.io import atomic_write_text
 from src.schema import check_train, refusals
-from src.training.checkpoint_io import AtomicCheckpointIO
+from src.training.checkpoint_io import AtomicCheckpointIO, resume_path
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -69,6 +70,8 @@ def why_not_publish(cfg: DictConfig) -> str | None:
 
 def check(cfg: DictConfig) -> dict[str, dict]:
     """Every check before any work (src/schema.py); returns the manifests of the stage's inputs."""
+    if cfg.get("ckpt_path"):
+        cfg.ckpt_path = resume_path(cfg.ckpt_path)  # a last.ckpt not written yet: the newest periodic checkpoint
     check_train(cfg, experiments())
     return artifacts.check_inputs(cfg)  # a stale input is refused here
 
@@ -98,10 +101,13 @@ def train(cfg: DictConfig, used: dict[str, dict] | None = None) -> dict[str, flo
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     else:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    # the export is a step of its own: a resume from a checkpoint already at max_steps skips the fit loop and its
+    # on_train_end, yet holds that checkpoint's weights (every rank: gathering sharded weights is collective)
+    exported = module.export() if hasattr(module, "export") else []
 
     if stage is not None and trainer.is_global_zero:
         export_dir = Path(str(cfg.paths.export_dir))
-        manifest = artifacts.write_manifest(export_dir, cfg, stage, used)
+        manifest = artifacts.write_manifest(export_dir, cfg, stage, used, required=exported)
         reason = why_not_publish(cfg) if manifest["files"] else "nothing was exported"
         if reason is None:
             target = artifacts.publish(export_dir, cfg.paths.artifacts_dir, stage.name)
@@ -116,7 +122,10 @@ def main(cfg: DictConfig) -> float | None:
     quiet_lightning()
     with refusals(cfg):  # a refused command prints one line and leaves no run folder
         used = check(cfg)
-    metrics = train(cfg, used)
+    try:
+        metrics = train(cfg, used)
+    except artifacts.ExportError as err:  # the run folder stays: its checkpoints finish the export on resume
+        raise SystemExit(f"error: {err}") from None
     monitored = cfg.get("optimized_metric")
     return metrics.get(monitored) if monitored else None
 

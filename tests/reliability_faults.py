@@ -32,19 +32,40 @@ class KillAt(L.Callback):
 
 
 class InfLossAt(L.Callback):
-    """Makes the critic loss of the listed iterations inf (one poisoned sample), via the task's critic_loss."""
+    """Makes the loss of the listed iterations inf (one poisoned sample), via the task's `loss` method (critic_loss,
+    dmd_loss)."""
 
-    def __init__(self, iterations: list[int], value: float = float("inf")):
-        self.iterations, self.value = set(iterations), value
+    def __init__(self, iterations: list[int], value: float = float("inf"), loss: str = "critic_loss"):
+        self.iterations, self.value, self.loss = set(iterations), value, loss
 
     def on_fit_start(self, trainer, module):
-        original = module.critic_loss
+        original = getattr(module, self.loss)
 
         def poisoned(*args, **kwargs):
             loss = original(*args, **kwargs)
             return loss * self.value if int(module.iteration) in self.iterations else loss
 
-        module.critic_loss = poisoned
+        setattr(module, self.loss, poisoned)
+
+
+class ExitAtRename(L.Callback):
+    """Ends this process with os._exit (no handler, no flush, no cleanup) at the export's rename onto a file named
+    `name` (`after=True`: just after it): a kill during the final export, between two of its writes."""
+
+    def __init__(self, name: str, after: bool = False):
+        self.name, self.after = name, after
+
+    def on_train_end(self, trainer, module):  # callbacks' on_train_end runs before the module's, which exports
+        replace = os.replace
+
+        def dying(src, dst):
+            if Path(dst).name == self.name:
+                if self.after:
+                    replace(src, dst)
+                os._exit(9)
+            return replace(src, dst)
+
+        os.replace = dying
 
 
 def write_pair_shards(shard_dir: str | Path, count: int, shape: tuple, per_shard: int = 4, seed: int = 0) -> list[Path]:

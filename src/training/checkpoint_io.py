@@ -6,10 +6,13 @@
 * ``IterationCheckpoint``: checkpoint intervals counted in iterations (a distillation generator iteration takes two
   optimizer steps), temporaries of killed writers removed at start.
 * ``check_checkpoint_task``: a checkpoint resumes only the task class and model groups it was written by.
+* ``resume_path``: a resume from a ``last.ckpt`` that is not there (its link not yet written) takes the newest periodic
+  checkpoint beside it, and says so.
 """
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +24,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.io import CHECKSUM_SUFFIX, ChecksumError, InputError, atomic_write, clean_partial, verify_checksum
 from src.training.guards import completed_iterations, require_finite
+
+log = logging.getLogger(__name__)
+LAST = "last.ckpt"
 
 
 def check_file(path: str | Path, what: str) -> None:
@@ -58,6 +64,20 @@ def read_checkpoint(path: str | Path, map_location=None) -> dict:
     except Exception as e:  # noqa: BLE001 -- any unpickling failure becomes one error naming the file
         raise InputError(f"checkpoint {path} cannot be read with weights_only=True: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def resume_path(ckpt_path: str | None) -> str | None:
+    """``ckpt_path``, or, when it names a ``last.ckpt`` that does not exist (a kill before its link was written, or a
+    link whose target is gone) and periodic checkpoints lie beside it, the newest of those (by write time)."""
+    if not ckpt_path or Path(str(ckpt_path)).exists() or Path(str(ckpt_path)).name != LAST:
+        return ckpt_path
+    folder = Path(str(ckpt_path)).parent
+    periodic = [p for p in folder.glob("*.ckpt") if p.name != LAST and p.exists()]
+    if not periodic:
+        return ckpt_path
+    newest = max(periodic, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    log.warning("%s not found: resuming from the newest periodic checkpoint in %s, %s", ckpt_path, folder, newest.name)
+    return str(newest)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import is_fake
 from src.artifacts import verify_artifact
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
 from src.flow_matching import add_noise, sample_training_timesteps, x0_from_velocity
-from src.io import clean_partial
+from src.io import CHECKSUM_SUFFIX, clean_partial
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
 from src.sampling.orders import SamplerConfig, sample
@@ -177,6 +177,7 @@ class DistillTask(L.LightningModule):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.guard = NonFiniteGuard(self, nonfinite["max_consecutive_skips"], ("generator", "critic"))
         self.dmd_nonfinite = 0  # non-finite DMD gradient elements zeroed in the current iteration
+        self.exported: list[Path] | None = None  # the export's files, once written (export)
 
     # ------------------------------------------------------------------------------------------- pieces
 
@@ -380,6 +381,13 @@ class DistillTask(L.LightningModule):
                 raise RuntimeError(f"data stream gave global samples {index.tolist()}, this rank trains {expected}")
         return batch
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Lightning keeps a step metric's last value until the epoch ends: forget what the last training_step logged,
+        # so that a critic-only row of metrics.csv leaves the generator's losses empty instead of repeating them
+        for result in self.trainer._results.values():
+            if result.meta.fx == "training_step" and not result.meta.on_epoch:
+                result.reset()
+
     def training_step(self, batch, batch_idx):
         opt_generator, opt_critic = self.optimizers()
         micro = self.micro_batches(self.check_position(batch))
@@ -435,22 +443,34 @@ class DistillTask(L.LightningModule):
             clean_partial(self.export_folder())
 
     def on_train_end(self) -> None:
+        self.export()
+
+    def export(self) -> list[Path]:
         """Export {generator, critic, generator_ema} in the official layout (fp32 master weights, gathered on every rank
         under sharding strategies) and the sampling weights (the fp32 EMA once started) as safetensors; each
-        atomically with a checksum, refused if any weight is not finite."""
+        atomically with a checksum, refused if any weight is not finite, and refused whole if every generator update
+        was skipped. Once per process, from on_train_end or, after a resume that had nothing left to train (Lightning
+        then skips on_train_end), from src.train; returns the files the export holds (rank 0; [] elsewhere)."""
+        if self.exported is not None:
+            return self.exported
+        ratio = self.hparams.gen_update_ratio
+        self.guard.require_some_step(self, (int(self.iteration) + ratio - 1) // ratio, "generator")
         keep = self.trainer.is_global_zero
         states = {name: {k: v.cpu() for k, v in master_parameters(getattr(self, name)) if keep}
                   for name in ("generator", "critic")}
         if not keep:
-            return
+            self.exported = []
+            return self.exported
         if self.ema is not None:
             states["generator_ema"] = self.ema.state_dict()
         out = self.export_folder()
-        save_finite(out / "model.pt", states, lambda tmp: export_training_checkpoint(tmp, **states))
+        files = [save_finite(out / "model.pt", states, lambda tmp: export_training_checkpoint(tmp, **states))]
         with torch.device("meta"):
             student = WanDiT(self.generator.cfg)
         student.load_state_dict(states.get("generator_ema", states["generator"]), assign=True)
-        save_finite(out / "student.safetensors", student, lambda tmp: save_dit(student, tmp))
+        files.append(save_finite(out / "student.safetensors", student, lambda tmp: save_dit(student, tmp)))
+        self.exported = [f for path in files for f in (path, Path(str(path) + CHECKSUM_SUFFIX))]
+        return self.exported
 
     # ------------------------------------------------------------------------------------------- sampling
 

@@ -103,6 +103,14 @@ class NonFiniteGuard:
                 "Nothing was exported.")
         return False
 
+    def require_some_step(self, module: L.LightningModule, attempted: int, name: str = "update") -> None:
+        """Before an export: a run in which every one of its `attempted` `name` updates was skipped trained nothing,
+        and its initial weights are no result. (`consecutive_skips` is checkpointed, so a resume counts the whole run.)"""
+        skipped = int(module.consecutive_skips[self.names.index(name)])
+        if attempted > 0 and skipped >= attempted:
+            raise NonFiniteError(f"every {name} update of this run ({attempted}) was skipped as non-finite: the weights "
+                                 "are still their initialisation. Nothing was exported.")
+
     def before_step(self, module: L.LightningModule, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
         """A LightningModule's `on_before_optimizer_step` under automatic optimisation (the module sets `loss_finite`
         in its training step): drops the gradients of a skipped step, logs the skip count; returns the gradient norm."""

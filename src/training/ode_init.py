@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from src.checkpoints import save_dit
 from src.flow_matching import x0_from_velocity
-from src.io import clean_partial
+from src.io import CHECKSUM_SUFFIX, clean_partial
 from src.sampling.noise import derived_seed
 from src.training.checkpoint_io import TASK_KEY, check_checkpoint_task, task_record
 from src.training.distill import load_world_model
@@ -45,6 +45,7 @@ class OdeInitTask(L.LightningModule):
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         self.guard = NonFiniteGuard(self, max_consecutive_skips)
         self.loss_finite = True
+        self.exported: list[Path] | None = None  # the export's files, once written (export)
 
     def draw_levels(self, b: int, blocks: int, k: int, index: list[int] | None, iteration: int) -> torch.Tensor:
         """[B, blocks] saved-state index per block, each sample's from (seed, iteration, its global index)."""
@@ -102,5 +103,16 @@ class OdeInitTask(L.LightningModule):
             clean_partial(self.export_path().parent)
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            save_finite(self.export_path(), self.generator, lambda tmp: save_dit(self.generator, tmp))
+        self.export()
+
+    def export(self) -> list[Path]:
+        """The generator as safetensors with its checksum, refused if not finite or if every step was skipped. Once per
+        process, from on_train_end or, after a resume that had nothing left to train, from src.train; returns the
+        files the export holds (rank 0; [] elsewhere)."""
+        if self.exported is None:
+            self.guard.require_some_step(self, self.trainer.global_step)
+            self.exported = []
+            if self.trainer.is_global_zero:
+                path = save_finite(self.export_path(), self.generator, lambda tmp: save_dit(self.generator, tmp))
+                self.exported = [path, Path(str(path) + CHECKSUM_SUFFIX)]
+        return self.exported
