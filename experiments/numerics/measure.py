@@ -1,7 +1,7 @@
 """The size of each numerical deviation from the official training step, on the toy world (issue 28, docs/fidelity.md).
 
-    flock /tmp/hiar-cpu.lock env PYTHONPATH=$PWD python -m experiments.numerics.measure probes    # -> probes.json
-    flock /tmp/hiar-cpu.lock env PYTHONPATH=$PWD python -m experiments.numerics.measure cost      # -> cost.json
+    flock /tmp/hiar-cpu.lock env PYTHONPATH=$PWD python -m experiments.numerics.measure probes [--deviations ...]
+    flock /tmp/hiar-cpu.lock env PYTHONPATH=$PWD python -m experiments.numerics.measure cost [--wan]
 
 probes: one DMD generator loss (and one critic loss) of `experiment=hiar_fkl` on the toy world -- its shipped teacher as
 teacher, critic and generator weights (a tiny trained DiT: 4 layers, width 128), 21 frames, batch 1 -- computed twice
@@ -33,11 +33,13 @@ from src.worlds.toy.shapes import training_prompts
 
 HERE = Path(__file__).resolve().parent
 BASE = ["experiment=hiar_fkl", "task.generator_init=null", "task.num_frames=21"]
-DEVIATIONS = {  # name -> (the project's overrides, the official ones); fKL off where it is not the subject
-    "cache_gradient": (["fkl.weight=0"], ["fkl.weight=0", "task.cache_gradient=official"]),
-    "sigma_lookup": (["fkl.weight=0"], ["fkl.weight=0", "task.dmd.sigma_lookup=official_grid"]),
-    "fkl_attention": ([], ["fkl=causal"]),
-    "all (numerics=official)": ([], ["numerics=official"]),
+# name -> (the project's overrides, the official ones, whether the critic's loss can differ); fKL off where it is not
+# the subject (it would only dilute the relative difference)
+DEVIATIONS = {
+    "cache_gradient": (["fkl.weight=0"], ["fkl.weight=0", "task.cache_gradient=official"], False),
+    "sigma_lookup": (["fkl.weight=0"], ["fkl.weight=0", "task.dmd.sigma_lookup=official_grid"], True),
+    "fkl_attention": ([], ["fkl=causal"], False),
+    "all": ([], ["numerics=official"], True),
 }
 
 
@@ -80,72 +82,87 @@ def compare(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor]) -> dic
 
 
 def summary(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k not in ("t",)]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float) and not k.startswith("t_")]
     return {k: {"min": min(r[k] for r in rows), "max": max(r[k] for r in rows),
                 "mean": sum(r[k] for r in rows) / len(rows)} for k in keys}
 
 
-def probes(seeds: int) -> dict:
+def probes(seeds: int, names: list[str], path: Path) -> dict:
+    """Each deviation's rows and summary, merged into `path` after each deviation (a partial run keeps its results)."""
     prompts = training_prompts(seeds, seed=123)
-    out = {"setting": {"overrides": BASE, "world": "toy (assets/toy_teacher.safetensors for all three models)",
-                       "batch": 1, "seeds": seeds, "exit_steps": [0, 1, 2, 3]}, "deviations": {}}
-    for name, (ours, official) in DEVIATIONS.items():
+    out = json.loads(path.read_text()) if path.exists() else {"deviations": {}}
+    out["setting"] = {"overrides": BASE, "world": "toy (assets/toy_teacher.safetensors for all three models)",
+                      "batch": 1, "seeds": seeds, "exit_steps": [0, 1, 2, 3]}
+    for name in names:
+        ours, official, critic_differs = DEVIATIONS[name]
         start = time.perf_counter()
         tasks = [build_task(ours), build_task(official)]
+        fkl = any(t.hparams.fkl["weight"] > 0 for t in tasks)
         rows = []
         for s in range(seeds):
-            batch = {"prompt": [prompts[s]], "critic_prompt": [prompts[(s + 1) % seeds]],
-                     **teacher_pairs(tasks[0], [prompts[s]], s)}
+            batch = {"prompt": [prompts[s]], "critic_prompt": [prompts[(s + 1) % seeds]]}
+            batch.update(teacher_pairs(tasks[0], [prompts[s]], s) if fkl else {})
             for exit_step in range(4):
                 for task in tasks:  # the iteration keys every random draw (rollout noise, t, DMD noise)
                     task.iteration.fill_(s)
                 gen = [loss_and_gradient(t, t.generator_loss, batch, exit_step, t.generator) for t in tasks]
-                critic = [loss_and_gradient(t, t.critic_update_loss, batch, exit_step, t.critic) for t in tasks]
-                t_dmd = float(tasks[0].noisy(torch.zeros(1, 21, *tasks[0].latent_shape), "dmd_noise", [0])[2])
-                t_critic = float(tasks[0].noisy(torch.zeros(1, 21, *tasks[0].latent_shape), "critic_noise", [0])[2])
-                row = {"seed": s, "exit_step": exit_step, "t_dmd": t_dmd, "t_critic": t_critic}
+                zeros = torch.zeros(1, tasks[0].hparams.num_frames, *tasks[0].latent_shape)
+                row = {"seed": s, "exit_step": exit_step,
+                       "t_dmd": float(tasks[0].noisy(zeros, "dmd_noise", [0])[2])}
                 row.update({f"generator_{k}": v for k, v in compare(*gen).items()})
-                row.update({f"critic_{k}": v for k, v in compare(*critic).items()})
+                if critic_differs:
+                    critic = [loss_and_gradient(t, t.critic_update_loss, batch, exit_step, t.critic) for t in tasks]
+                    row["t_critic"] = float(tasks[0].noisy(zeros, "critic_noise", [0])[2])
+                    row.update({f"critic_{k}": v for k, v in compare(*critic).items()})
                 rows.append(row)
+                print(name, json.dumps(row), flush=True)
         out["deviations"][name] = {"project": ours, "official": official, "summary": summary(rows), "rows": rows,
-                                   "seconds": time.perf_counter() - start}
-        print(name, json.dumps(out["deviations"][name]["summary"], indent=1))
+                                   "seconds": time.perf_counter() - start,
+                                   "command": f"python -m experiments.numerics.measure probes --seeds {seeds} "
+                                              f"--deviations {name}"}
+        atomic_write_text(path, json.dumps(out, indent=1))
     return out
 
 
-def cost() -> dict:
+def cost(wan: bool) -> dict:
+    """CPU time is process time (the machine is shared: wall time would measure the neighbours)."""
     modes = {"detached": [], "official": ["task.cache_gradient=official"]}
-    out = {"toy_cpu_measured": {}, "wan_1.3b_estimated": {}}
+    out = {"toy_cpu_measured": {}, **({"wan_1.3b_estimated": {}} if wan else {})}
     for mode, extra in modes.items():
-        measured = measure_dmd_iteration([*BASE, "fkl.weight=0", *extra])
-        gen = measured["raw"]["updates"]["generator"]
-        out["toy_cpu_measured"][mode] = {"generator_peak_bytes": gen["peak"], "generator_seconds": gen["seconds"],
-                                         "activations_bytes": gen["peak_by_category"].get("activations", 0)}
-        times = []
-        for _ in range(3):  # wall time of the generator update alone, best of 3 (the CPU is shared)
-            t = measure_dmd_iteration([*BASE, "fkl.weight=0", *extra])["raw"]["updates"]["generator"]["seconds"]
-            times.append(t)
-        out["toy_cpu_measured"][mode]["generator_seconds_best_of_3"] = min(times)
-        wan = ["experiment=hiar_fkl", "world=wan2.1_1.3b", "trainer=gpu_bf16", "task.generator_init=null", *extra]
-        est = estimate_dmd_iteration(wan)["updates"]["generator"]
-        out["wan_1.3b_estimated"][mode] = {k: est[k] for k in ("activations_gib", "kv_cache_gib", "peak_gib", "tflops")}
-        out["wan_1.3b_estimated"][mode]["overrides"] = wan
-        print(mode, json.dumps({k: v[mode] for k, v in out.items()}, indent=1))
+        overrides = [*BASE, "fkl.weight=0", *extra]
+        start = time.process_time()
+        gen = measure_dmd_iteration(overrides)["raw"]["updates"]["generator"]
+        out["toy_cpu_measured"][mode] = {
+            "overrides": overrides, "generator_peak_bytes": gen["peak"],
+            "generator_activations_bytes": gen["peak_by_category"].get("activations", 0),
+            "generator_flops": gen["flops"], "iteration_process_seconds": time.process_time() - start}
+        if wan:
+            overrides = ["experiment=hiar_fkl", "world=wan2.1_1.3b", "trainer=gpu_bf16", "task.generator_init=null",
+                         *extra]
+            est = estimate_dmd_iteration(overrides)["updates"]["generator"]
+            out["wan_1.3b_estimated"][mode] = {"overrides": overrides,
+                                               **{k: est[k] for k in ("activations_gib", "kv_cache_gib", "peak_gib",
+                                                                      "tflops")}}
+        print(mode, json.dumps({k: v[mode] for k, v in out.items()}), flush=True)
     return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("probes", "cost"))
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--deviations", nargs="+", choices=list(DEVIATIONS), default=list(DEVIATIONS))
+    parser.add_argument("--wan", action="store_true", help="cost: also estimate at the Wan 1.3B scale (fake tensors)")
     parser.add_argument("--out", help="JSON file (default: experiments/numerics/<what>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    result = probes(args.seeds) if args.what == "probes" else cost()
-    result["command"] = f"python -m experiments.numerics.measure {args.what}" + (
-        f" --seeds {args.seeds}" if args.what == "probes" else "")
     path = Path(args.out or HERE / f"{args.what}.json")
-    atomic_write_text(path, json.dumps(result, indent=1))
+    if args.what == "probes":
+        probes(args.seeds, args.deviations, path)
+    else:
+        result = cost(args.wan)
+        result["command"] = "python -m experiments.numerics.measure cost" + (" --wan" if args.wan else "")
+        atomic_write_text(path, json.dumps(result, indent=1))
     print("wrote", path)
 
 
