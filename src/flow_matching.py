@@ -6,9 +6,12 @@ v = noise - x0, so x0 = x_t - sigma * v. Conversions run in float64 (as Self-For
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
+SIGMA_LOOKUPS = ("exact", "official_grid")
 
 
 def shift_sigma(sigma, shift: float):
@@ -72,3 +75,32 @@ def sample_training_timesteps(batch: int, shift: float, generator=None, device=N
     u = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator, device=device).double()
     u = u / NUM_TRAIN_TIMESTEPS
     return (NUM_TRAIN_TIMESTEPS * shift_sigma(u, shift)).clamp(low, high).float()
+
+
+@functools.lru_cache(maxsize=8)
+def official_grid(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official score wrappers' lookup table (Self-Forcing's ``FlowMatchScheduler(shift, sigma_min=0,
+    extra_one_step=True)`` after ``set_timesteps(1000)``), computed as it is, in float32: sigmas = linspace(1, 0,
+    1001)[:-1] shifted, timesteps = 1000 * sigmas. Returns (timesteps, sigmas), descending, on the CPU."""
+    sigmas = shift_sigma(torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], float(shift))
+    return sigmas * NUM_TRAIN_TIMESTEPS, sigmas
+
+
+def grid_sigma(t, shift: float) -> torch.Tensor:
+    """The official sigma of timesteps t: that of the grid point nearest to t (argmin |timesteps - t| in float64, the
+    first on a tie), float64, shaped like t. The official wrappers convert x0 <-> v with it."""
+    timesteps, sigmas = official_grid(float(shift))
+    t = torch.as_tensor(t)
+    flat = t.reshape(-1).double()
+    index = (timesteps.double().to(flat.device)[None] - flat[:, None]).abs().argmin(dim=1)
+    return sigmas.double().to(flat.device)[index].reshape(t.shape)
+
+
+def lookup_timesteps(t: torch.Tensor, lookup: str, shift: float) -> torch.Tensor:
+    """The timesteps whose exact sigma (t / 1000, what add_noise and the x0 <-> v conversions use) is ``lookup``'s
+    sigma of t: t itself for "exact", 1000 * grid_sigma(t, shift) (float64) for "official_grid"."""
+    if lookup == "exact":
+        return t
+    if lookup == "official_grid":
+        return NUM_TRAIN_TIMESTEPS * grid_sigma(t, shift)
+    raise ValueError(f"sigma lookup must be one of {SIGMA_LOOKUPS}, got {lookup!r}")

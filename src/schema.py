@@ -42,7 +42,7 @@ DISTILL_SCHEMA = {
     "num_frames": (int, 1, None, False), "gen_update_ratio": (int, 1, None, False), "min_exit_step": (int, 0, None, False),
     "seed": (int, 0, None, False), "grad_accumulation": (int, 1, None, False),
     "dmd.guidance": (float, 0, None, False), "dmd.shift": (float, 0, None, True), "dmd.t_min": (float, 0, 1000, False),
-    "dmd.t_max": (float, 0, 1000, False),
+    "dmd.t_max": (float, 0, 1000, False), "dmd.score_shift": (float, 0, None, True),
     "fkl.weight": (float, 0, None, False), "fkl.num_steps": (int, 1, 4, False),
     "optim.lr_generator": (float, 0, None, True), "optim.lr_critic": (float, 0, None, True),
     "optim.weight_decay": (float, 0, None, False), "optim.grad_clip": (float, 0, None, True),

@@ -303,6 +303,8 @@ class ChunkAttention:
             else:
                 self.mode, chunk_pos = "copy", len(cached)
                 self.read_slots = frame_runs([cache.slot(f) for f in cached])
+                self.read_frames = cached
+                self.tapped: set[int] = set()  # layers whose grad taps this forward left (not again in a recompute)
                 key_frames = cached + chunk
                 if self.grad and cached:
                     cache.pinned = True
@@ -354,12 +356,18 @@ class ChunkAttention:
         if self.grad and self.read_slots and self._versions() != self.read_versions:
             raise CacheChanged("the KV cache slots this forward read were overwritten before its checkpointed "
                                "recompute; run the backward before further cache writes (or disable checkpointing)")
+        if self.grad and cache.cache_gradient == "official" and k.requires_grad and layer not in self.tapped:
+            cache.tap(layer, self.start, k, v)
+            self.tapped.add(layer)
         parts_k, parts_v = [], []
         if self.read_slots:
-            keys, values = cache.slabs(layer, k)
+            cache.slabs(layer, k)
+            done = 0
             for lo, hi in self.read_slots:
-                parts_k.append(keys[:, lo * tpf:hi * tpf].to(k.dtype))
-                parts_v.append(values[:, lo * tpf:hi * tpf].to(v.dtype))
+                keys, values = cache.read(layer, (lo, hi), self.read_frames[done:done + hi - lo], k.dtype)
+                parts_k.append(keys)
+                parts_v.append(values)
+                done += hi - lo
         if self.write:
             cache.write_slots(layer, self.start, k[:, : self.write * tpf].detach(), v[:, : self.write * tpf].detach())
         if not parts_k:

@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import torch
 
+CACHE_GRADIENTS = ("detached", "official")
+
 
 class CacheChanged(RuntimeError):
     """A checkpointed forward's recompute would read cache slots that were overwritten since its forward."""
+
+
+class GradTap(torch.autograd.Function):
+    """Zeros shaped like x, without storage (an expanded scalar), whose gradient goes to x. Added to a value read from
+    the slab it keeps that value bit for bit and routes its gradient into x: the straight-through link of
+    ``cache_gradient="official"`` (value: the slab's context K/V; gradient path: the exit-step forward's K/V)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.new_zeros(()).expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 class KVCache:
@@ -29,10 +45,19 @@ class KVCache:
     that are never evicted) frames older than ``latest_end - W`` are evicted. Cross-attention keys/values are computed
     once per text context. ``slot_version`` counts writes per slot: a forward that reads the cache with grad records
     the versions it read, and its checkpointed recompute raises ``CacheChanged`` instead of using other values.
+
+    ``cache_gradient`` (docs/cache_gradient.md): "detached" -- cached K/V are constants for the backward; "official"
+    -- as the official training code: a forward with grad leaves a ``GradTap`` of its own K/V per frame and layer
+    (``grad_taps``, no storage), and a later forward with grad reads each such frame as slab value + tap, so gradient
+    flows into the exit-step forward that produced those frames' K/V while the values stay the slab's. Taps live until
+    ``reset``.
     """
 
     def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, frames: int | None = None,
-                 slots: int | None = None):
+                 slots: int | None = None, cache_gradient: str = "detached"):
+        if cache_gradient not in CACHE_GRADIENTS:
+            raise ValueError(f"cache_gradient must be one of {CACHE_GRADIENTS}, got {cache_gradient!r}")
+        self.cache_gradient = cache_gradient
         if window is not None and window <= 0:
             raise ValueError("window must be a positive number of frames or None")
         if sink < 0:
@@ -56,6 +81,7 @@ class KVCache:
         self.run_start = self.run_end = 0
         self.base = 0
         self.pinned = False  # a grad forward read slots: move nothing until the next reset
+        self.grad_taps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.num_layers)]
 
     def reset_text(self):
         """Forget the text keys/values (call at a prompt switch)."""
@@ -190,6 +216,28 @@ class KVCache:
                 new[:, : old.shape[1]] = old
             slabs[layer] = new
         return self.keys[layer], self.values[layer]
+
+    def tap(self, layer: int, frame_lo: int, k: torch.Tensor, v: torch.Tensor):
+        """Leave a GradTap of k/v (whole frames from frame_lo on, with grad) per frame ("official" only)."""
+        tpf = self.tpf
+        for i in range(k.shape[1] // tpf):
+            part = slice(i * tpf, (i + 1) * tpf)
+            self.grad_taps[layer][frame_lo + i] = (GradTap.apply(k[:, part]), GradTap.apply(v[:, part]))
+
+    def read(self, layer: int, slots: tuple[int, int], frames: list[int], dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slab's keys/values of the slot run [lo, hi) holding ``frames``, as ``dtype``; frames with a grad tap
+        come back as value + tap (their gradient goes to the forward that left it)."""
+        tpf, (lo, hi) = self.tpf, slots
+        keys, values = self.keys[layer][:, lo * tpf:hi * tpf].to(dtype), self.values[layer][:, lo * tpf:hi * tpf].to(dtype)
+        taps = self.grad_taps[layer]
+        if not any(f in taps for f in frames):
+            return keys, values
+        pieces = []
+        for i, f in enumerate(frames):
+            k, v = keys[:, i * tpf:(i + 1) * tpf], values[:, i * tpf:(i + 1) * tpf]
+            pieces.append((k + taps[f][0], v + taps[f][1]) if f in taps else (k, v))
+        return torch.cat([k for k, _ in pieces], 1), torch.cat([v for _, v in pieces], 1)
 
     def write_slots(self, layer: int, frame_lo: int, k: torch.Tensor, v: torch.Tensor):
         """Copy k/v (whole frames from frame_lo on) into their slots, in place (slot runs split at the sinks)."""

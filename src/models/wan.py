@@ -311,8 +311,9 @@ class WanDiT(nn.Module):
         nn.init.normal_(self.head.head.weight, std=0.02)
 
     def new_cache(self, window: int | None = None, sink: int = 0, frames: int | None = None,
-                  slots: int | None = None) -> KVCache:
-        return KVCache(self.cfg.num_layers, window=window, sink=sink, frames=frames, slots=slots)
+                  slots: int | None = None, cache_gradient: str = "detached") -> KVCache:
+        return KVCache(self.cfg.num_layers, window=window, sink=sink, frames=frames, slots=slots,
+                       cache_gradient=cache_gradient)
 
     def run_blocks(self, tokens, e0, text, rope, attn) -> torch.Tensor:
         """The transformer blocks (checkpointed per block when gradient_checkpointing is on and grad is enabled)."""

@@ -45,7 +45,9 @@ forward of every block runs with grad (it reads the cache); every cache-write fo
 step-first stops after step j* (its contexts at j* follow the rule above, from the detached x0_hat); block-first
 stops each block at j*, writes its detached x0_hat at context_noise, then moves on. Both return the x0_hat of all
 blocks at j* ([B, F, C, h, w]), carrying grad only through the exit-step forwards. Forwards: as above with S = j*+1,
-plus N-1 separate writes at j* for "current" (a forward with grad never writes the cache).
+plus N-1 separate writes at j* for "current" (a forward with grad never writes the cache). ``cache_gradient``
+(docs/cache_gradient.md): "detached" -- later blocks read earlier blocks' cached K/V as constants; "official" -- as
+the official code, their gradient also flows into the exit-step forward of the block that wrote them (same values).
 
 Noise: see ``src.sampling.noise`` -- block n starts from ("init", 0, n); its re-noising after step j uses
 ("renoise", j, n); a context at context_noise > 0 after step j uses ("context", j, n). Orders that perform the same
@@ -210,7 +212,7 @@ class Rollout:
 
     def __init__(self, model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
                  bank: NoiseBank, exit_step: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached"):
         fpb = cfg.frames_per_block
         if num_frames <= 0 or num_frames % fpb:
             raise ValueError(f"num_frames={num_frames} is not a positive multiple of frames_per_block={fpb}")
@@ -226,7 +228,8 @@ class Rollout:
         self.device = first.device
         chunk = (2 if cfg.fuse_writes else 1) * fpb
         self.cache = model.new_cache(window=cfg.window, sink=cfg.sink, frames=num_frames,
-                                     slots=schedule_slots(cfg.window, cfg.sink, chunk, fpb))
+                                     slots=schedule_slots(cfg.window, cfg.sink, chunk, fpb),
+                                     cache_gradient=cache_gradient)
         self.inputs: dict[int, torch.Tensor] = {}
         self.written: dict[int, tuple[torch.Tensor, float]] = {}
         self.pending: tuple[int, torch.Tensor, float] | None = None  # fuse_writes: a write waiting for block n+1
@@ -355,15 +358,17 @@ def forward_count(cfg: SamplerConfig, num_blocks: int, exit_step: int | None = N
 
 def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
                     bank: NoiseBank, *, order: str | None = None, exit_step: int | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                    progress: Callable[[int, int], None] | None = None,
+                    cache_gradient: str = "detached") -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (block index, x0_hat [B, f, C, h, w]) in block order as soon as each block is final.
 
     context: text embeddings [B, L, D] or a prompt schedule {start_block: embeddings}. latent_shape: (C, h, w).
     order: overrides ``cfg.order`` for this call. progress(step, block) is called after every denoise cell.
+    cache_gradient: a training rollout's gradient through the cached K/V (module docstring).
     """
     cfg = cfg.with_order(order)
     k = cfg.block_first_steps
-    r = Rollout(model, context, num_frames, latent_shape, cfg, bank, exit_step, progress)
+    r = Rollout(model, context, num_frames, latent_shape, cfg, bank, exit_step, progress, cache_gradient)
     if k:
         yield from _block_first_phase(r, k)
     if k <= r.last_step:
@@ -372,8 +377,8 @@ def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int]
 
 def sample(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig, bank: NoiseBank, *,
            order: str | None = None, exit_step: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached") -> torch.Tensor:
     """The whole video [B, num_frames, C, h, w] (x0_hat at the exit step when exit_step is given)."""
     blocks = generate_blocks(model, context, num_frames, latent_shape, cfg, bank, order=order, exit_step=exit_step,
-                             progress=progress)
+                             progress=progress, cache_gradient=cache_gradient)
     return torch.cat([x0 for _, x0 in blocks], dim=1)

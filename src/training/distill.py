@@ -41,8 +41,16 @@ from torch._subclasses.fake_tensor import is_fake
 
 from src.artifacts import verify_artifact
 from src.checkpoints import export_training_checkpoint, load_dit, save_dit
-from src.flow_matching import add_noise, sample_training_timesteps, x0_from_velocity
+from src.flow_matching import (
+    SIGMA_LOOKUPS,
+    add_noise,
+    lookup_timesteps,
+    sample_training_timesteps,
+    velocity_from_x0,
+    x0_from_velocity,
+)
 from src.io import CHECKSUM_SUFFIX, clean_partial
+from src.models.kv_cache import CACHE_GRADIENTS
 from src.models.wan import WanDiT
 from src.sampling.noise import NoiseBank, derived_seed
 from src.sampling.orders import SamplerConfig, sample
@@ -118,10 +126,12 @@ class DistillTask(L.LightningModule):
         nonfinite: dict | None = None,
         activation_checkpointing: bool = False,
         teacher_dtype: str = "float32",
+        cache_gradient: str = "detached",
     ):
         super().__init__()
         world = plain(world)
-        dmd = {"guidance": 3.0, "shift": 5.0, "t_min": 20.0, "t_max": 980.0, **(plain(dmd) if dmd else {})}
+        dmd = {"guidance": 3.0, "shift": 5.0, "t_min": 20.0, "t_max": 980.0, "sigma_lookup": "exact",
+               "score_shift": 8.0, **(plain(dmd) if dmd else {})}
         fkl = {"weight": 0.1, "num_steps": 1, "attention": "bidirectional", **(plain(fkl) if fkl else {})}
         optim = {"lr_generator": 2e-6, "lr_critic": 3e-7, "betas": [0.0, 0.999], "weight_decay": 0.01,
                  "grad_clip": 10.0, **(plain(optim) if optim else {})}
@@ -132,6 +142,10 @@ class DistillTask(L.LightningModule):
         sampler = plain(sampler)
         if fkl["attention"] not in FKL_ATTENTION:
             raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
+        if dmd["sigma_lookup"] not in SIGMA_LOOKUPS:
+            raise ValueError(f"dmd.sigma_lookup must be one of {SIGMA_LOOKUPS}, got {dmd['sigma_lookup']!r}")
+        if cache_gradient not in CACHE_GRADIENTS:
+            raise ValueError(f"cache_gradient must be one of {CACHE_GRADIENTS}, got {cache_gradient!r}")
         if teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {teacher_dtype!r}")
         if int(grad_accumulation) < 1:
@@ -145,6 +159,7 @@ class DistillTask(L.LightningModule):
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
             "nonfinite": nonfinite, "activation_checkpointing": bool(activation_checkpointing),
             "teacher_dtype": teacher_dtype, "model_config": model_config(world["student"]).to_dict(),
+            "cache_gradient": cache_gradient,
         })
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen teacher is not stored in our checkpoints (on_load_checkpoint checks)
@@ -210,7 +225,7 @@ class DistillTask(L.LightningModule):
         """The generator's own video, x0 at the exit step, in the sampler's order (its rollout schedule)."""
         bank = SampleNoise(self.sample_seeds(purpose, positions, context.shape[0]))
         return sample(model, context, self.hparams.num_frames, self.latent_shape, self.sampler_cfg, bank,
-                      exit_step=exit_step)
+                      exit_step=exit_step, cache_gradient=self.hparams.cache_gradient)
 
     def noisy(self, x: torch.Tensor, purpose: str, positions: list[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,7 +238,15 @@ class DistillTask(L.LightningModule):
             noises.append(torch.randn(x.shape[1:], generator=g))
         t = torch.cat(ts).to(x.device)
         noise = torch.stack(noises).to(device=x.device, dtype=x.dtype)
-        return add_noise(x, noise, t), noise, t
+        return add_noise(x, noise, self.sigma_timesteps(t, "generator")), noise, t
+
+    def sigma_timesteps(self, t: torch.Tensor, wrapper: str) -> torch.Tensor:
+        """The timesteps whose exact sigma is the one `dmd.sigma_lookup` gives t: t itself ("exact"), or the sigma the
+        official code looks up on its 1000-point grid ("official_grid"): shifted by `sampler.shift` for the noising and
+        the critic's flow target (the generator's scheduler), by `dmd.score_shift` in the real/fake score wrappers."""
+        d = self.hparams.dmd
+        shift = self.sampler_cfg.shift if wrapper == "generator" else d["score_shift"]
+        return lookup_timesteps(t, d["sigma_lookup"], shift)
 
     @torch.no_grad()
     def dmd_gradient(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -234,10 +257,11 @@ class DistillTask(L.LightningModule):
         they stay under `nonfinite.dmd_max_fraction` of the elements: a NaN teacher or critic fails the run instead of
         turning the DMD loss into a silent 0."""
         x_t, _, t = self.noisy(x, "dmd_noise", positions)
-        real_c = x0_from_velocity(x_t, self.teacher(x_t, t, cond), t)
-        real_u = x0_from_velocity(x_t, self.teacher(x_t, t, uncond), t)
+        ts = self.sigma_timesteps(t, "score")
+        real_c = x0_from_velocity(x_t, self.teacher(x_t, t, cond), ts)
+        real_u = x0_from_velocity(x_t, self.teacher(x_t, t, uncond), ts)
         real = real_c + self.hparams.dmd["guidance"] * (real_c - real_u)
-        fake = x0_from_velocity(x_t, self.critic(x_t, t, cond), t)
+        fake = x0_from_velocity(x_t, self.critic(x_t, t, cond), ts)
         scale = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = (fake - real) / scale
         if is_fake(grad):  # a shape-only run (src.perf.estimate): there are no values to check
@@ -264,7 +288,11 @@ class DistillTask(L.LightningModule):
     def critic_loss(self, x: torch.Tensor, cond: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
         """Flow matching of the fake score on the generator's samples: v_pred vs noise - x."""
         x_t, noise, t = self.noisy(x.detach(), "critic_noise", positions)
-        return F.mse_loss(self.critic(x_t, t, cond).float(), (noise - x).float())
+        v = self.critic(x_t, t, cond)
+        if self.hparams.dmd["sigma_lookup"] != "exact":  # the official flow: the score wrapper's x0, back on the
+            x0 = x0_from_velocity(x_t, v, self.sigma_timesteps(t, "score"))  # generator's grid
+            v = velocity_from_x0(x_t, x0, self.sigma_timesteps(t, "generator"))
+        return F.mse_loss(v.float(), (noise - x).float())
 
     def fkl_loss(self, trajectory: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Forward-KL regulariser: from teacher ODE state i (sigma_i), the student's x0 must match the x0 that the
