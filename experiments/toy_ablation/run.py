@@ -65,8 +65,10 @@ STUDENTS = {
     "recipe_old": Student("hiar_fkl", OLD_RECIPE),
     "recipe_ratio5": Student("hiar_fkl", RATIO_5),
     "hiar_long": Student("hiar", (f"trainer.max_steps={LONG_STEPS}",)),
+    "hiar_fkl_official": Student("hiar_fkl", ("numerics=official",)),  # issue 28: the official training step
 }
-MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl")  # trained with every seed in --seeds; the others with the first
+# trained with every seed in --seeds; the others with the first
+MAIN_STUDENTS = ("self_forcing", "hiar", "hiar_fkl", "hiar_fkl_official")
 # training order: every row's first seed, the recipe points, then more seeds, the long run last (the most expensive)
 LAST_STUDENTS = ("hiar_long",)
 
@@ -89,10 +91,11 @@ STEP_FIRST, BLOCK_FIRST = ("sampler=step_first",), ("sampler=block_first",)
 RECIPE_TABLE = "The distillation recipe (fKL bidirectional, step-first)"
 LONG_TABLE = "Without forward-KL, 3x longer (600 iterations)"
 BASE_TABLE = "No distillation: the ODE init"
+NUMERICS_TABLE = "Numerics: the project's training step vs the official one (docs/fidelity.md)"
 ODE_INIT = "ode_init"  # not a student: the shared ODE init (artifacts/ode_init), evaluated like one
 TABLE_2, TABLE_3 = "Table 2: context level t_c", "Table 3: forward-KL and hierarchical denoising"
 PLOTS = {TABLE_2: "table2_segments.png", TABLE_3: "table3_segments.png", RECIPE_TABLE: "recipe_segments.png",
-         LONG_TABLE: "long_segments.png", BASE_TABLE: "ode_init_segments.png"}
+         LONG_TABLE: "long_segments.png", BASE_TABLE: "ode_init_segments.png", NUMERICS_TABLE: "numerics_segments.png"}
 ROWS = [
     Row(TABLE_2, "t_c = t_j (current)", "tc_current", (*STEP_FIRST, "sampler.context_level=current")),
     Row(TABLE_2, "t_c = t_{j+1} (HiAR)", "hiar_fkl", STEP_FIRST),
@@ -109,6 +112,10 @@ ROWS = [
     Row(RECIPE_TABLE, "ratio 2, generator lr 1e-4, 200 iterations (100 updates): the recipe", "hiar_fkl", STEP_FIRST),
     Row(RECIPE_TABLE, "the recipe's raw generator (no EMA)", "hiar_fkl", STEP_FIRST, which="generator"),
     Row(LONG_TABLE, "w/o fKL, 600 iterations", "hiar_long", STEP_FIRST),
+    Row(NUMERICS_TABLE, "HiAR (fKL), numerics=default (detached cache, exact sigma)", "hiar_fkl", STEP_FIRST),
+    Row(NUMERICS_TABLE, "fKL causal, numerics=default", "fkl_causal", STEP_FIRST),
+    Row(NUMERICS_TABLE, "fKL causal, numerics=official (+ cache gradient, official sigma grids)", "hiar_fkl_official",
+        STEP_FIRST),
     # the network every student starts from, sampled as the rows above: what distillation changed
     Row(BASE_TABLE, "ODE init, step-first t_c = t_{j+1}", ODE_INIT, STEP_FIRST),
     Row(BASE_TABLE, "ODE init, step-first t_c = t_j", ODE_INIT, (*STEP_FIRST, "sampler.context_level=current")),

@@ -26,13 +26,16 @@ def test_each_student_trains_with_its_settings(name):
                 "fkl_2steps": ("step_first", "next", 0.1, "bidirectional", 2),
                 "recipe_old": ("step_first", "next", 0.1, "bidirectional", 1),
                 "recipe_ratio5": ("step_first", "next", 0.1, "bidirectional", 1),
-                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1)}[name]
+                "hiar_long": ("step_first", "next", 0.0, "bidirectional", 1),
+                "hiar_fkl_official": ("step_first", "next", 0.1, "causal", 1)}[name]  # the released code's fKL
     got = (cfg.sampler.order, cfg.sampler.context_level, cfg.fkl.weight, cfg.fkl.attention, cfg.fkl.num_steps)
     assert got == expected and cfg.task_name == f"{name}_s0"
     # (optimizer steps, generator update ratio, generator lr): the recipe unless the row is a point of its sweep
     recipe = {"recipe_old": (156, 5, 2e-5), "recipe_ratio5": (240, 5, 1e-4), "hiar_long": (900, 2, 1e-4)}
     got = (cfg.trainer.max_steps, cfg.task.gen_update_ratio, cfg.task.optim.lr_generator)
     assert got == recipe.get(name, (300, 2, 1e-4))
+    official = (cfg.task.cache_gradient, cfg.task.dmd.sigma_lookup) == ("official", "official_grid")
+    assert official == (name == "hiar_fkl_official")
 
 
 @pytest.mark.parametrize("row", ablation.ROWS, ids=lambda r: r.name)
