@@ -63,6 +63,9 @@ for _student, _order, _label in (("hiar", "step_first", "HiAR student, step-firs
     ROWS += [Row(_label, _student, _order, True), Row(f"{_label}, prompt switch at the seam", _student, _order, True,
                                                       True),
              Row(f"{_label}, from scratch", _student, _order, False)]
+# evaluation order (a run stopped early still answers the targets): the continuations, the from-scratch baselines of
+# the two main rows, the prompt switches, the last baseline
+PRIORITY = [0, 1, 7, 4, 3, 9, 2, 8, 5, 6]
 
 
 def evaluation_set(num_prompts: int, noise_seeds: int) -> tuple[list[str], torch.Tensor]:
@@ -146,7 +149,7 @@ def evaluate(students: dict[str, Path], blocks_list: list[int], num_prompts: int
     pipes = {}
     for blocks in blocks_list:
         k = 3 * blocks
-        for row in ROWS:
+        for row in (ROWS[i] for i in PRIORITY):
             path = out / "scores" / f"{row.key(blocks)}.json"
             if path.exists() or (row.student != "truth" and row.student not in students):
                 continue

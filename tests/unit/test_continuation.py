@@ -257,3 +257,31 @@ def test_api_context(pipe):
         pipe.generate(f"{prompt} | {prompt}", num_frames=12, switch_every=3, context=torch.cat([given, given[:1]]))
     with pytest.raises(ValueError, match="2 contexts for 1 prompts"):
         pipe.generate(prompt, num_frames=9, context=[given, given])
+
+
+def test_pipelined_sampler_continues_like_step_first(tiny_model, ctx):
+    """The pipelined sampler (one process here) writes the given blocks into each step's cache as step-first does:
+    the same video bit for bit (fused: up to rounding)."""
+    from src.sampling.pipeline import pipeline_sample
+
+    prefix = torch.randn(1, 2 * F, *LATENT, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = sample(tiny_model, ctx, 12, LATENT, cfg(), NoiseBank(0), prefix=prefix)
+        assert torch.equal(pipeline_sample(tiny_model, ctx, 12, LATENT, cfg(), NoiseBank(0), prefix=prefix), reference)
+        fused = pipeline_sample(tiny_model, ctx, 12, LATENT, cfg(), NoiseBank(0), fuse=True, prefix=prefix)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_experiment_seam_error_and_prompt_switch():
+    """experiments/continuation: the seam error is the oracle's centroid distance on the torus, in px; the switch turns
+    the direction by 90 degrees and keeps the rest of the prompt."""
+    from experiments.continuation.run import seam_error, turned
+    from src.worlds.toy.shapes import parse_prompt, render_video
+
+    prompt = "a red circle moving left on a black background"
+    truth = render_video(parse_prompt(prompt), 6, 16, 16, seed=0)
+    assert seam_error(truth, truth, prompt, 3) == 0.0
+    shifted = torch.roll(truth, shifts=(2, 15), dims=(-2, -1))  # 2 px down, 1 px left (across the edge)
+    assert seam_error(shifted, truth, prompt, 3) == pytest.approx(5 ** 0.5, abs=1e-3)
+    assert seam_error(torch.full_like(truth, -1.0), truth, prompt, 3) == float("inf")  # no object: infinite
+    assert turned(prompt) == "a red circle moving up on a black background"
