@@ -9,6 +9,15 @@
                               background", num_frames=21, switch_every=9):
         block.pixels  # [1, t, 3, H, W] in [-1, 1], as soon as the sampler has finished the block
 
+Continuation (image-to-video, video extension): ``context=`` an image (a PIL image, a tensor [3, H, W] or a .png path),
+a video tensor [T, 3, H, W] in [-1, 1] or an mp4 path; ``context_frames=k`` uses its last k latent frames. The video
+then starts with the context (as the codec reconstructs it) and continues it up to num_frames latent frames; the
+rules for the codec's causal first frame and for whole blocks are in src/continuation.py.
+
+    video = pipe.generate("a red circle moving left on a black background", num_frames=21, context="first.png")
+    files = pipe.generate("a red circle moving up on a black background", num_frames=81, context="outputs/a.mp4",
+                          context_frames=6, out="outputs/extended")  # extend a video from its last 6 latent frames
+
 A prompt schedule is one string with prompts separated by " | " (the k-th starts at latent frame k * switch_every),
 or a mapping {first latent frame: prompt}; frames must fall on block boundaries. Video i of a call uses
 NoiseBank(seed + i), exactly as src.generate does.
@@ -26,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_dit
+from src.continuation import Alignment, encode_context
 from src.sampling.noise import NoiseBank
 from src.sampling.orders import SamplerConfig
 from src.sampling.streaming import StreamedBlock, stream
@@ -128,27 +138,66 @@ class HiAR:
             embedded = {frame // fpb: self.text_encoder.encode([p])[0].to(self.device) for frame, p in schedule.items()}
         return embedded[0] if len(embedded) == 1 else embedded
 
+    def encode_context(self, context, context_frames: int | None = None) -> tuple[torch.Tensor, Alignment]:
+        """An image, a video tensor or a file -> (clean latents [1, k, C, h, w], its Alignment); src/continuation.py."""
+        _, h, w = self.latent_shape
+        s = self.codec.spatial_compression
+        return encode_context(self.codec, context, frames_per_block=self.sampler.frames_per_block, height=h * s,
+                              width=w * s, context_frames=context_frames, device=self.device)
+
     def stream(self, prompt_schedule: str | Mapping[int, str], num_frames: int = 81, seed: int = 0,
                switch_every: int | None = None, order: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Iterator[StreamedBlock]:
-        """Decoded blocks of one video as soon as each is final (block.pixels [1, t, 3, H, W] in [-1, 1])."""
+               progress: Callable[[int, int], None] | None = None, context=None,
+               context_frames: int | None = None) -> Iterator[StreamedBlock]:
+        """Decoded blocks of one video as soon as each is final (block.pixels [1, t, 3, H, W] in [-1, 1]); with a
+        ``context``, its blocks come first (block.given) and the sampler continues after them."""
+        prefix = self.encode_context(context, context_frames)[0] if context is not None else None
+        yield from self._stream(prompt_schedule, num_frames, seed, switch_every, order, progress, prefix)
+
+    def check_schedule(self, prompt_schedule, switch_every: int | None, num_frames: int,
+                       given: int = 0) -> dict[int, str]:
+        """The parsed schedule, checked against num_frames and the ``given`` latent frames of a context."""
         self.check_frames(num_frames)
         schedule = parse_schedule(prompt_schedule, switch_every, num_frames, self.sampler.frames_per_block)
+        if given >= num_frames:
+            raise ValueError(f"the context has {given} latent frames: num_frames={num_frames} leaves nothing to "
+                             f"generate (set a larger num_frames, or fewer context_frames)")
+        inside = [frame for frame in schedule if 0 < frame < given]
+        if inside:
+            raise ValueError(f"prompt switch at latent frame {inside[0]} falls inside the {given} context frames")
+        return schedule
+
+    def _stream(self, prompt_schedule, num_frames, seed, switch_every, order, progress,
+                prefix: torch.Tensor | None) -> Iterator[StreamedBlock]:
+        given = 0 if prefix is None else prefix.shape[1]
+        schedule = self.check_schedule(prompt_schedule, switch_every, num_frames, given)
         for block in stream(self.model, self.encode(schedule), num_frames, self.latent_shape, self.sampler,
-                            NoiseBank(seed), order=order, codec=self.codec, progress=progress):
+                            NoiseBank(seed), order=order, codec=self.codec, progress=progress, prefix=prefix):
             # a decoder overshoots [-1, 1] (a distilled student more than its ODE init): clamp as a video file would,
             # so that the tensors equal what src.generate writes and every evaluation scores
             yield replace(block, pixels=block.pixels.clamp(-1, 1)) if block.pixels is not None else block
 
     def generate(self, prompts: str | Sequence[str | Mapping[int, str]], num_frames: int = 81, order: str | None = None,
                  seed: int = 0, switch_every: int | None = None, out: str | Path | None = None,
-                 names: Sequence[str] | None = None, on_video=None, progress_for=None) -> torch.Tensor | list[Path]:
+                 names: Sequence[str] | None = None, on_video=None, progress_for=None, context=None,
+                 context_frames: int | None = None) -> torch.Tensor | list[Path]:
         """Video i from NoiseBank(seed + i). Without `out`: pixels [B, T, 3, H, W] in [-1, 1]. With `out`: one mp4 per
         prompt there (names[i] or <i>.mp4), streamed to disk block by block; returns the paths.
-        on_video(i, record) receives {"seed", "seconds", "first_block_seconds"} per video; progress_for(i) may return
-        a progress(step, block) callable for video i."""
+        context: one context for every video, or a list with one per prompt (see `stream`); each is encoded once,
+        before any video is sampled.
+        on_video(i, record) receives {"seed", "seconds", "first_block_seconds"} (plus "context": the Alignment's
+        fields) per video; progress_for(i) may return a progress(step, block) callable for video i."""
         prompts = [prompts] if isinstance(prompts, str | Mapping) else list(prompts)
         self.check_frames(num_frames)
+        contexts = list(context) if isinstance(context, list | tuple) else [context] * len(prompts)
+        if len(contexts) != len(prompts):
+            raise ValueError(f"{len(contexts)} contexts for {len(prompts)} prompts: give one, or one per prompt")
+        encoded = {}
+        for c in contexts:
+            if c is not None and id(c) not in encoded:
+                encoded[id(c)] = self.encode_context(c, context_frames)
+        for prompt, c in zip(prompts, contexts):  # every check before the first video
+            self.check_schedule(prompt, switch_every, num_frames, encoded[id(c)][0].shape[1] if c is not None else 0)
         videos, files = [], []
         for i, prompt in enumerate(prompts):
             start, first_block = time.perf_counter(), None
@@ -156,9 +205,11 @@ class HiAR:
             writer = VideoWriter(path, self.fps, self.upscale) if path is not None else None
             blocks = []
             try:
-                for block in self.stream(prompt, num_frames, seed + i, switch_every, order,
-                                         progress_for(i) if progress_for else None):
-                    first_block = first_block if first_block is not None else time.perf_counter() - start
+                prefix, alignment = encoded.get(id(contexts[i]), (None, None))
+                for block in self._stream(prompt, num_frames, seed + i, switch_every, order,
+                                          progress_for(i) if progress_for else None, prefix):
+                    if first_block is None and not block.given:
+                        first_block = time.perf_counter() - start
                     if writer is not None:
                         writer.append(block.pixels[0])
                     else:
@@ -167,8 +218,8 @@ class HiAR:
                 if writer is not None:
                     writer.close()
             if on_video is not None:
-                on_video(i, {"seed": seed + i, "seconds": time.perf_counter() - start,
-                             "first_block_seconds": first_block})
+                record = {"seed": seed + i, "seconds": time.perf_counter() - start, "first_block_seconds": first_block}
+                on_video(i, record if alignment is None else {**record, "context": alignment.to_dict()})
             if writer is not None:
                 files.append(path)
             else:

@@ -3,9 +3,12 @@
     python -m src.generate checkpoint=logs/.../student.safetensors prompts="a red square moves left"
     python -m src.generate checkpoint=hiar.pt prompts=prompts.txt sampler=block_first num_frames=81 seed=3
     python -m src.generate checkpoint=... prompts="a red circle moving left | a red circle moving up" switch_every=9
+    python -m src.generate checkpoint=... prompts="a red circle moving up" context=first.png          # image-to-video
+    python -m src.generate checkpoint=... prompts="..." context=a.mp4 context_frames=6 num_frames=81  # extend a.mp4
 
 The pipeline is src.api.HiAR (the Python API): one code path. A prompt may be a schedule, prompts separated by " | ",
 switching every `switch_every` latent frames (the stream re-caches the context under the new prompt).
+With a context (an image or a video file; src/continuation.py) every video starts with it and continues it.
 Videos stream to disk block by block as the sampler finalises them. Video i uses NoiseBank(seed + i); the settings
 (sampler, timesteps, checkpoint, model config, seeds, files) are written to settings.json in the output folder.
 """
@@ -97,6 +100,9 @@ def generate(cfg: DictConfig) -> list[Path]:
         raise ValueError(f"num_frames={cfg.num_frames} is not a positive multiple of the block size {fpb}")
     prompts = load_prompts(cfg.prompts, cfg.max_prompts)
     switch_every = cfg.get("switch_every")
+    context = cfg.get("context")
+    if context is not None and not Path(str(context)).is_file():
+        raise FileNotFoundError(f"context file not found: {context}")
     for prompt in prompts:  # every schedule is checked before any model is loaded
         parse_schedule(prompt, switch_every, cfg.num_frames, fpb)
     pipe = HiAR.from_config(cfg)
@@ -124,7 +130,9 @@ def generate(cfg: DictConfig) -> list[Path]:
         videos.append({"prompt": prompts[i], "file": names[i], **record})
 
     files = pipe.generate(prompts, cfg.num_frames, seed=int(cfg.seed), switch_every=switch_every, out=out_dir,
-                          names=names, on_video=on_video, progress_for=progress_for)
+                          names=names, on_video=on_video, progress_for=progress_for,
+                          context=str(context) if context is not None else None,
+                          context_frames=cfg.get("context_frames"))
     settings = {
         "checkpoint": str(cfg.checkpoint),
         "which": cfg.which,
@@ -133,6 +141,8 @@ def generate(cfg: DictConfig) -> list[Path]:
         "sampler": {**asdict(sampler), "timesteps": sampler.timesteps},
         "num_frames": cfg.num_frames,
         "switch_every": switch_every,
+        "context": str(context) if context is not None else None,
+        "context_frames": cfg.get("context_frames"),
         "pixel_frames": pipe.codec.num_pixel_frames(cfg.num_frames),
         "fps": pipe.fps,
         "upscale": upscale_factor(cfg.upscale, cfg.world.video.height, cfg.world.video.width),

@@ -37,6 +37,14 @@ A prompt switch (``context`` given as {start_block: embeddings}) adds, every tim
 switching block (once for block-first, once per step for step-first), one recache forward per contiguous run of
 cached frames (1, or 2 when sink frames are not adjacent to the window) over those frames.
 
+Given frames (``prefix``: clean latents of the first m whole blocks, a continuation's context; src/continuation.py):
+blocks 0..m-1 are final before any cell runs and are yielded first. Wherever a sampler order would write a block's
+context, a given block is written instead by the same clean-context write as block-first's final write
+(``clean_context``: its latents at context_noise, noise ("context", j, n) when > 0) -- once in block-first, at every
+step in step-first (the cache is rebuilt per step), so every order continues from block m on the same clean context.
+Given blocks run no cells: block-first needs (N-m)S + N-1 forwards, step-first ("next"/"clean") S(2N-1-m). A prompt
+switch re-caches given blocks like any other.
+
 Rolling window: the cache keeps the last ``window`` latent frames (plus ``sink`` first frames), so memory for
 keys/values is bounded whatever num_frames is; RoPE positions keep growing.
 
@@ -212,7 +220,8 @@ class Rollout:
 
     def __init__(self, model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
                  bank: NoiseBank, exit_step: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached"):
+                 progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached",
+                 prefix: torch.Tensor | None = None):
         fpb = cfg.frames_per_block
         if num_frames <= 0 or num_frames % fpb:
             raise ValueError(f"num_frames={num_frames} is not a positive multiple of frames_per_block={fpb}")
@@ -226,6 +235,8 @@ class Rollout:
         first = self.contexts[0]
         self.block_shape = (first.shape[0], fpb, *latent_shape)
         self.device = first.device
+        self.prefix = check_prefix(prefix, self.block_shape, num_frames)
+        self.given = 0 if prefix is None else prefix.shape[1] // fpb
         chunk = (2 if cfg.fuse_writes else 1) * fpb
         self.cache = model.new_cache(window=cfg.window, sink=cfg.sink, frames=num_frames,
                                      slots=schedule_slots(cfg.window, cfg.sink, chunk, fpb),
@@ -272,8 +283,9 @@ class Rollout:
     def cell(self, step: int, n: int, x: torch.Tensor, write: bool) -> Cell:
         grad = step == self.exit_step
         velocity = None
-        if self.pending is not None and (grad or self.pending[0] != n - 1):
-            self.flush()  # a grad forward never writes the cache
+        writes_itself = write and self.cfg.context_level == "current" and not grad  # its denoise forward writes block n
+        if self.pending is not None and (grad or self.pending[0] != n - 1 or writes_itself):
+            self.flush()  # a grad forward never writes the cache; a fused forward writes only the pending block
         if self.pending is not None:  # block n-1's write rides in this forward
             prev, latents, t = self.pending
             self.pending = None
@@ -297,6 +309,11 @@ class Rollout:
         write_context(self.model, latents, t, self.contexts[n], self.cache, n * self.cfg.frames_per_block)
         self._record(n, latents, t)
 
+    def write_given(self, n: int, step: int):
+        """Given block n enters the cache as the sampler's own final blocks do: the clean-context write."""
+        f = self.cfg.frames_per_block
+        self.write(n, *clean_context(self.prefix[:, n * f:(n + 1) * f], step, n, self.cfg, self.bank))
+
     def flush(self):
         """Run a pending fused write as a forward of its own (the next forward cannot carry it)."""
         if self.pending is not None:
@@ -306,12 +323,30 @@ class Rollout:
             self._record(n, latents, t)
 
 
+def check_prefix(prefix: torch.Tensor | None, block_shape: Sequence[int], num_frames: int) -> torch.Tensor | None:
+    """Given frames [B, m*f, C, h, w]: whole blocks of the video's batch and latent shape, leaving a block to sample."""
+    if prefix is None:
+        return None
+    b, f, *latent = block_shape
+    if prefix.dim() != 5 or prefix.shape[0] != b or list(prefix.shape[2:]) != latent:
+        raise ValueError(f"given frames must be [{b}, m * {f}, {', '.join(map(str, latent))}], "
+                         f"got {tuple(prefix.shape)}")
+    k = prefix.shape[1]
+    if k == 0 or k % f or k >= num_frames:
+        raise ValueError(f"{k} given frames: need a positive multiple of the block size {f} below num_frames="
+                         f"{num_frames}")
+    return prefix.detach()
+
+
 def _block_first_phase(r: Rollout, num_steps: int) -> Iterator[tuple[int, torch.Tensor]]:
     """for n: for j < num_steps: cell(n, j); write block n's state for later blocks (clean x0 when final)."""
     stop = min(num_steps, r.last_step + 1)
     final = stop == r.last_step + 1
     for n in range(r.num_blocks):
         r.enter(n)
+        if n < r.given:
+            r.write_given(n, stop - 1)
+            continue
         x = r.input(n)
         for j in range(stop):
             cell = r.cell(j, n, x, write=False)
@@ -330,6 +365,9 @@ def _step_first_phase(r: Rollout, first_step: int) -> Iterator[tuple[int, torch.
         r.reset_cache()
         for n in range(r.num_blocks):
             r.enter(n)
+            if n < r.given:
+                r.write_given(n, j)
+                continue
             more = n < r.num_blocks - 1
             cell = r.cell(j, n, r.input(n), write=more)
             if j == r.last_step:
@@ -359,16 +397,22 @@ def forward_count(cfg: SamplerConfig, num_blocks: int, exit_step: int | None = N
 def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
                     bank: NoiseBank, *, order: str | None = None, exit_step: int | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    cache_gradient: str = "detached") -> Iterator[tuple[int, torch.Tensor]]:
+                    cache_gradient: str = "detached",
+                    prefix: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (block index, x0_hat [B, f, C, h, w]) in block order as soon as each block is final.
 
     context: text embeddings [B, L, D] or a prompt schedule {start_block: embeddings}. latent_shape: (C, h, w).
     order: overrides ``cfg.order`` for this call. progress(step, block) is called after every denoise cell.
     cache_gradient: a training rollout's gradient through the cached K/V (module docstring).
+    prefix: given frames (clean latents [B, m*f, C, h, w]) that are blocks 0..m-1, yielded first as they are; the
+    sampler continues from block m (module docstring).
     """
     cfg = cfg.with_order(order)
     k = cfg.block_first_steps
-    r = Rollout(model, context, num_frames, latent_shape, cfg, bank, exit_step, progress, cache_gradient)
+    r = Rollout(model, context, num_frames, latent_shape, cfg, bank, exit_step, progress, cache_gradient, prefix)
+    f = cfg.frames_per_block
+    for n in range(r.given):
+        yield n, r.prefix[:, n * f:(n + 1) * f]
     if k:
         yield from _block_first_phase(r, k)
     if k <= r.last_step:
@@ -377,8 +421,10 @@ def generate_blocks(model, context, num_frames: int, latent_shape: Sequence[int]
 
 def sample(model, context, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig, bank: NoiseBank, *,
            order: str | None = None, exit_step: int | None = None,
-           progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached") -> torch.Tensor:
-    """The whole video [B, num_frames, C, h, w] (x0_hat at the exit step when exit_step is given)."""
+           progress: Callable[[int, int], None] | None = None, cache_gradient: str = "detached",
+           prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole video [B, num_frames, C, h, w] (x0_hat at the exit step when exit_step is given), starting with the
+    given frames ``prefix`` when given."""
     blocks = generate_blocks(model, context, num_frames, latent_shape, cfg, bank, order=order, exit_step=exit_step,
-                             progress=progress, cache_gradient=cache_gradient)
+                             progress=progress, cache_gradient=cache_gradient, prefix=prefix)
     return torch.cat([x0 for _, x0 in blocks], dim=1)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from src.models.kv_cache import schedule_slots
 from src.sampling.noise import NoiseBank
-from src.sampling.orders import SamplerConfig, denoise_cell, sample
+from src.sampling.orders import SamplerConfig, check_prefix, clean_context, denoise_cell, sample
 from src.sampling.primitive import fused_velocity, write_context
 
 LOOKAHEAD = 2  # receives posted ahead of the block being denoised
@@ -71,14 +71,16 @@ def _sync(device: torch.device):
 
 
 def pipeline_blocks(model, context: torch.Tensor, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
-                    bank: NoiseBank, *, fuse: bool = False, group=None,
-                    trace: list | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                    bank: NoiseBank, *, fuse: bool = False, group=None, trace: list | None = None,
+                    prefix: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Run this process's stage; on the process owning the last step, yield (block, x0_hat [B, f, C, h, w]) in
     block order as each block is final (other processes yield nothing). Without an initialised process group it
     runs all steps in this process (world 1).
 
     context: text embeddings [B, L, D] (one prompt). trace: a list that receives (kind, block, step, start_s, end_s)
-    for every forward ("denoise", "write" or "fused"; times from the call, synchronised on CUDA).
+    for every forward ("denoise", "write" or "fused"; times from the call, synchronised on CUDA). prefix: given frames
+    (clean latents of the first m blocks), written into every owned step's cache as the step-first sampler writes them
+    (``orders``, "Given frames"); the cells start at block m.
     """
     if not isinstance(context, torch.Tensor):
         raise ValueError("the pipelined sampler takes one text context tensor [B, L, D] (no prompt schedule)")
@@ -103,6 +105,17 @@ def pipeline_blocks(model, context: torch.Tensor, num_frames: int, latent_shape:
     recvs: dict[int, tuple[torch.Tensor, object]] = {}
     sends = []
     t0 = time.perf_counter()
+    prefix = check_prefix(prefix, block_shape, num_frames)
+    given = 0 if prefix is None else prefix.shape[1] // fpb
+    for j in steps:  # the given blocks' clean-context writes; with fuse, the last rides in block m's first forward
+        for n in range(given):
+            c = clean_context(prefix[:, n * fpb:(n + 1) * fpb], j, n, cfg, bank)
+            if fuse and n == given - 1:
+                pending[j] = c
+            else:
+                write_context(model, *c, context, caches[j], n * fpb)
+    if last_step in steps:
+        yield from ((n, prefix[:, n * fpb:(n + 1) * fpb]) for n in range(given))
 
     def post_recv(n: int):
         if steps.start > 0 and n < num_blocks and n not in recvs:
@@ -117,9 +130,9 @@ def pipeline_blocks(model, context: torch.Tensor, num_frames: int, latent_shape:
             trace.append((kind, n, j, start - t0, time.perf_counter() - t0))
         return out
 
-    for n in range(LOOKAHEAD):
+    for n in range(given, given + LOOKAHEAD):
         post_recv(n)
-    for n, j in stage_cells(steps, num_blocks):
+    for n, j in ((n + given, j) for n, j in stage_cells(steps, num_blocks - given)):
         if j > steps.start:
             x = local.pop((j, n))
         elif j == 0:
@@ -151,10 +164,11 @@ def pipeline_blocks(model, context: torch.Tensor, num_frames: int, latent_shape:
 
 
 def pipeline_sample(model, context: torch.Tensor, num_frames: int, latent_shape: Sequence[int], cfg: SamplerConfig,
-                    bank: NoiseBank, *, fuse: bool = False, group=None, trace: list | None = None) -> torch.Tensor | None:
+                    bank: NoiseBank, *, fuse: bool = False, group=None, trace: list | None = None,
+                    prefix: torch.Tensor | None = None) -> torch.Tensor | None:
     """The whole video [B, num_frames, C, h, w] on the process owning the last step, None on the others."""
     blocks = [x0 for _, x0 in pipeline_blocks(model, context, num_frames, latent_shape, cfg, bank, fuse=fuse,
-                                              group=group, trace=trace)]
+                                              group=group, trace=trace, prefix=prefix)]
     return torch.cat(blocks, dim=1) if blocks else None
 
 

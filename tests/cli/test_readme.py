@@ -41,7 +41,7 @@ def test_every_readme_command_is_run_or_named_here():
     handled = ("python -m src.train", "python -m src.generate")
     unrun = [c for c in commands() if not c.startswith(handled) and not any(k in c for k in CHECKED_ELSEWHERE)]
     assert unrun == []
-    assert len(blocks("python")) == 2  # the DiT snippet (tests/test_model.py covers its calls) and the API snippet
+    assert len(blocks("python")) == 3  # the DiT snippet (tests/test_model.py covers its calls), the API snippets
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,12 @@ def test_readme_generation_commands_and_api_snippet(project, monkeypatch):
     for command in [c for c in commands() if c.startswith("python -m src.generate")]:
         cli(shlex.split(command)[1:], root, root)
     runs = sorted((root / "logs/generate/runs").glob("*/settings.json"))
-    assert len(runs) == 2
+    assert len(runs) == 3 and len(list((root / "outputs/left").glob("*.mp4"))) == 1  # the third extends outputs/left
     monkeypatch.chdir(root)
-    [snippet] = [b for b in blocks("python") if "from src.api import HiAR" in b]
-    exec(snippet.replace("print(", "(lambda *a: None)("), {})
+    snippets = [b for b in blocks("python") if "pipe." in b]  # the API snippet, then its continuation
+    assert len(snippets) == 2 and "from src.api import HiAR" in snippets[0]
+    namespace = {}
+    for snippet in snippets:
+        exec(snippet.replace("print(", "(lambda *a: None)("), namespace)
     assert len(list((root / "outputs/api").glob("*.mp4"))) == 1
+    assert namespace["more"].shape == namespace["longer"].shape == (1, 21, 3, 16, 16)
