@@ -45,8 +45,8 @@ TEACHER_SCHEMA = {"lr": (float, 0, None, True), "weight_decay": (float, 0, None,
                   "text_dropout": (float, 0, 1, False),
                   "logit_std": (float, 0, None, True), "timestep_shift": (float, 0, None, True),
                   "seed": (int, 0, None, False), "max_consecutive_skips": (int, 1, None, False)}
-TASK_SCHEMAS = {"DistillTask": DISTILL_SCHEMA, "OdeInitTask": ODE_INIT_SCHEMA, "OdePairsTask": ODE_PAIRS_SCHEMA,
-                "TeacherTask": TEACHER_SCHEMA}
+TASK_SCHEMAS = {"student": DISTILL_SCHEMA, "ode_init": ODE_INIT_SCHEMA, "ode_pairs": ODE_PAIRS_SCHEMA,
+                "teacher": TEACHER_SCHEMA}  # by the `stage` an experiment declares
 TASK_FILE_KEYS = {"generator_init": "model", "world.teacher_checkpoint": "model", "world.critic_init": "model",
                   "init_weights": "model"}
 
@@ -80,8 +80,8 @@ def validate_config(cfg: dict) -> None:
     """Types and ranges of the task config, writable outputs, readable inputs; before anything is built. `cfg` is the
     resolved config as plain containers."""
     task = cfg.get("task") or {}
-    name = str(task.get("_target_", "")).rsplit(".", 1)[-1]
-    for dotted, (kind, low, high, low_open) in TASK_SCHEMAS.get(name, {}).items():
+    stage = cfg.get("stage")
+    for dotted, (kind, low, high, low_open) in TASK_SCHEMAS.get(stage, {}).items():
         value = _get(task, dotted)
         if value is not None:
             _number(value, f"task.{dotted}", kind, low, high, low_open)
@@ -93,7 +93,7 @@ def validate_config(cfg: dict) -> None:
             check_writable(folder, key)
     for key in TASK_FILE_KEYS:
         path = _get(task, key)
-        if path and name in ("DistillTask", "OdeInitTask", "OdePairsTask", "TeacherTask"):
+        if path:
             if key == "generator_init" and not Path(path).exists():
                 raise InputError(f"task.generator_init: file not found: {path} (run the ode_init stage first, or set "
                                  "task.generator_init=null to start from the base weights)")
@@ -102,8 +102,7 @@ def validate_config(cfg: dict) -> None:
         ckpt = Path(cfg["ckpt_path"])
         if not ckpt.is_dir():
             check_model_file(ckpt, "ckpt_path")
-    data_target = str(_get(cfg, "data._target_") or "")
-    prompts = _get(cfg, "data.prompts") or (_get(cfg, "data.source") if "PromptChunks" in data_target else None)
+    prompts = _get(cfg, "data.prompts") or (_get(cfg, "data.source") if stage == "ode_pairs" else None)
     if prompts:
         try:
             prompt_list(prompts, 1)
