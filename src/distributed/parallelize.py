@@ -93,15 +93,15 @@ _applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> th
 def parallelize_dit(model: nn.Module, cfg: ParallelizeConfig, shard: Callable[[nn.Module], Any] | None = None):
     """Applies to ``model`` (a WanDiT), in this order: activation checkpointing (if ``cfg.activation_checkpointing``
     and the model has trainable parameters), torch.compile (``cfg.compile``), then ``shard(model)`` (the strategy's
-    FSDP2 or ZeRO wrapping; None: none). Returns what ``shard`` returns (an engine), else the model. A model is
-    parallelized once: a second call (a trainer's next fit or predict) with the same config leaves it as it is."""
-    if model in _applied:
-        if _applied[model] != asdict(cfg):
-            raise ValueError(f"this model was parallelized with {_applied[model]}, not {asdict(cfg)}")
-        return model
-    if cfg.activation_checkpointing and any(p.requires_grad for p in model.parameters()):
-        checkpoint_blocks(model)
-    if cfg.compile:
-        compile_blocks(model, **cfg.compile_kwargs)
-    _applied[model] = asdict(cfg)
+    FSDP2 or ZeRO wrapping; None: none). Returns what ``shard`` returns (an engine), else the model. Checkpointing
+    and compile are applied once per model: a later call (a trainer's next fit or predict) with the same settings only
+    shards."""
+    if model not in _applied:
+        if cfg.activation_checkpointing and any(p.requires_grad for p in model.parameters()):
+            checkpoint_blocks(model)
+        if cfg.compile:
+            compile_blocks(model, **cfg.compile_kwargs)
+        _applied[model] = asdict(cfg)
+    elif _applied[model] != asdict(cfg):
+        raise ValueError(f"this model was parallelized with {_applied[model]}, not {asdict(cfg)}")
     return shard(model) if shard is not None else model
