@@ -29,7 +29,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests --durations=15
 
-# the unit tests alone (one piece each, no training runs or processes): under 60 s on 2 cores
+# the unit tests alone (one piece each, no training runs, compile or processes); the target is under 60 s on 2 quiet cores
 test-fast: setup
 	$(PY) -m pytest tests/unit --durations=10
 
