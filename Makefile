@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint bench bench-gpu gpu-check wheelhouse eval vbench-env
+.PHONY: setup demo test test-fast lint bench bench-gpu gpu-check wheelhouse eval vbench-env
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests --durations=15
+
+# the unit tests alone (one piece each, no training runs, compile or processes); the target is under 60 s on 2 quiet cores
+test-fast: setup
+	$(PY) -m pytest tests/unit --durations=10
 
 lint: setup
 	$(PY) -m ruff check src callbacks evaluation tests

@@ -42,8 +42,6 @@ LPIPS_BACKBONE_FILE = "torch_hub/checkpoints/alexnet-owt-7be5be79.pth"
 
 # the six HiAR drift measures, in report order
 DRIFT_MEASURES = ("musiq", "clip_iqa", "dinov2_cos", "lpips", "hsv_saturation", "laplacian_variance")
-# measures computed on consecutive frame pairs (one value per pair) rather than on single frames
-PAIRWISE = frozenset({"dinov2_cos", "lpips"})
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -166,17 +166,15 @@ _STUDENT_SETTINGS = _same("world.name", "world.student", "world.critic", "world.
                           "task.optim", "task.ema", "task.num_frames", "task.gen_update_ratio", "task.min_exit_step",
                           "trainer.max_steps", "seed")
 STAGES = {s.name: s for s in (ODE_PAIRS, ODE_INIT)}
-STUDENT_TARGET = "src.training.distill.DistillTask"
 
 
 def stage_of(cfg: DictConfig) -> Stage | None:
-    """The stage a train config runs (None: one without a manifest, e.g. the toy teacher)."""
-    target = OmegaConf.select(cfg, "task._target_")
-    if target == "src.training.ode_pairs.OdePairsTask":
-        return ODE_PAIRS
-    if target == "src.training.ode_init.OdeInitTask":
-        return ODE_INIT
-    if target == STUDENT_TARGET:
+    """The stage a train config runs, by the `stage` its experiment declares (None: one without a manifest, e.g. the
+    toy teacher)."""
+    kind = cfg.get("stage")
+    if kind in STAGES:
+        return STAGES[kind]
+    if kind == "student":
         name = str(cfg.task_name)
         # a student started from the base weights (task.generator_init=null) reads no ODE init
         inputs = ("ode_pairs", "ode_init") if OmegaConf.select(cfg, "task.generator_init") else ("ode_pairs",)

@@ -218,11 +218,6 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str = "ch
         raise CheckpointError("\n".join(lines))
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    check_state_dict(model, state_dict, source)
-    model.load_state_dict(state_dict, strict=True)
-
-
 def _sharded_source(source: str | Path) -> tuple[Path, WanConfig | None] | None:
     """(index json, config) when `source` is a sharded safetensors checkpoint (a folder or its index), else None."""
     path = Path(source)

@@ -60,12 +60,12 @@ TEACHER_SCHEMA = {"lr": (float, 0, None, True), "weight_decay": (float, 0, None,
                   "text_dropout": (float, 0, 1, False),
                   "logit_std": (float, 0, None, True), "timestep_shift": (float, 0, None, True),
                   "seed": (int, 0, None, False), "max_consecutive_skips": (int, 1, None, False)}
-TASK_SCHEMAS = {"DistillTask": DISTILL_SCHEMA, "OdeInitTask": ODE_INIT_SCHEMA, "OdePairsTask": ODE_PAIRS_SCHEMA,
-                "TeacherTask": TEACHER_SCHEMA}
-# the weight files each task reads (task-relative keys); a Wan world's are checked all at once first (wan_stage_files)
-TASK_FILE_KEYS = {"DistillTask": ("generator_init", "world.teacher_checkpoint", "world.critic_init"),
-                  "OdeInitTask": ("world.critic_init",), "OdePairsTask": ("world.ode_teacher_checkpoint",),
-                  "TeacherTask": ("init_weights",)}
+TASK_SCHEMAS = {"student": DISTILL_SCHEMA, "ode_init": ODE_INIT_SCHEMA, "ode_pairs": ODE_PAIRS_SCHEMA,
+                "teacher": TEACHER_SCHEMA}  # by the `stage` an experiment declares
+# the weight files each stage reads (task-relative keys); a Wan world's are checked all at once first (wan_stage_files)
+TASK_FILE_KEYS = {"student": ("generator_init", "world.teacher_checkpoint", "world.critic_init"),
+                  "ode_init": ("world.critic_init",), "ode_pairs": ("world.ode_teacher_checkpoint",),
+                  "teacher": ("init_weights",)}
 # the rest of a training config (full keys)
 TRAIN_SCHEMA = {
     "seed": (int, 0, None, False),
@@ -184,24 +184,24 @@ def check_wan_files(world: dict, stage: str) -> None:
         raise InputError(str(e)) from None
 
 
-WAN_STAGES = {"DistillTask": "distill", "OdeInitTask": "ode_init", "OdePairsTask": "ode_pairs"}
+WAN_STAGES = {"student": "distill", "ode_init": "ode_init", "ode_pairs": "ode_pairs"}
 
 
 def validate_config(cfg: dict) -> None:
     """Types and ranges of the task config, writable outputs, readable inputs; before anything is built. `cfg` is the
     resolved config as plain containers."""
     task = cfg.get("task") or {}
-    name = str(task.get("_target_", "")).rsplit(".", 1)[-1]
-    check_table(task, TASK_SCHEMAS.get(name, {}), "task.")
+    stage = cfg.get("stage")
+    check_table(task, TASK_SCHEMAS.get(stage, {}), "task.")
     for key, folder in (("task.export_dir", task.get("export_dir")),
                         ("task.export_path", task.get("export_path") and Path(task["export_path"]).parent),
                         ("trainer.default_root_dir", _get(cfg, "trainer.default_root_dir")),
                         ("callbacks.checkpoint.dirpath", _get(cfg, "callbacks.checkpoint.dirpath"))):
         if folder:
             check_writable(folder, key)
-    if name in WAN_STAGES and is_wan(task.get("world")):
-        check_wan_files(task["world"], WAN_STAGES[name])
-    for key in TASK_FILE_KEYS.get(name, ()):
+    if stage in WAN_STAGES and is_wan(task.get("world")):
+        check_wan_files(task["world"], WAN_STAGES[stage])
+    for key in TASK_FILE_KEYS.get(stage, ()):
         path = _get(task, key)
         if path:
             if key == "generator_init" and not Path(path).exists():
@@ -212,8 +212,7 @@ def validate_config(cfg: dict) -> None:
         ckpt = Path(cfg["ckpt_path"])
         if not ckpt.is_dir():
             check_model_file(ckpt, "ckpt_path")
-    data_target = str(_get(cfg, "data._target_") or "")
-    prompts = _get(cfg, "data.prompts") or (_get(cfg, "data.source") if "PromptChunks" in data_target else None)
+    prompts = _get(cfg, "data.prompts") or (_get(cfg, "data.source") if stage == "ode_pairs" else None)
     if prompts:
         try:
             prompt_list(prompts, 1)
@@ -247,7 +246,7 @@ def check_train(cfg: DictConfig, stages: list[str]) -> None:
     check_sampler(plain)
     check_device(_get(plain, "trainer.accelerator"), "trainer.accelerator")
     task = plain["task"]
-    check_table(task, TASK_SCHEMAS.get(str(task.get("_target_", "")).rsplit(".", 1)[-1], {}), "task.")
+    check_table(task, TASK_SCHEMAS.get(plain.get("stage"), {}), "task.")
     from src import artifacts
 
     artifacts.check_missing_inputs(cfg)

@@ -21,8 +21,33 @@ TINY = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, in_dim=
 # the tiny toy-world DiT of the training tests (12-channel toy latents, toy text encoder of width 16)
 TINY_MODEL = dict(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=1, in_dim=12, out_dim=12, text_len=8,
                   text_dim=16, patch_size=[1, 2, 2])
+# attention geometries of the model tests: (frames_per_block, window, sink)
+ATTENTION_MODES = [
+    (None, None, 0),  # bidirectional
+    (3, None, 0),  # block-causal
+    (3, 6, 0),
+    (3, 6, 3),  # rolling window with sink frames (two key ranges per late block)
+    (3, 9, 2),
+]
 SAMPLER = dict(order="step_first", steps=[1000, 750, 500, 250], warp=True, shift=5.0, frames_per_block=3, window=21,
                sink=0, context_level="next", renoise=True, context_noise=0.0, hybrid_steps=2)
+
+
+def model_inputs(frames=12, batch=2, seed=1):
+    """Seeded (x, t, context) for a TINY DiT: latents [B, F, 4, 4, 6], per-frame timesteps, an 8-token context."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, frames, 4, 4, 6, generator=g)
+    t = torch.rand(batch, frames, generator=g) * 1000
+    ctx = torch.randn(batch, 8, 16, generator=g)
+    return x, t, ctx
+
+
+def distill_task(teacher_file, order="step_first", **kw):
+    """A DistillTask of the tiny world (9 frames, lr 1e-3, EMA from iteration 2; the rest conf/task/distill.yaml's)."""
+    from src.training.distill import DistillTask
+
+    return DistillTask(world=tiny_world(teacher_file), sampler={**SAMPLER, "order": order}, num_frames=9,
+                       optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"decay": 0.9, "start": 2}, **kw)
 
 
 TEACHER_TASK_MODEL = {"_target_": "src.models.wan.WanConfig", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "num_heads": 2,

@@ -73,7 +73,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     task = DistillTask(world=world(), sampler=SAMPLER, num_frames=args.frames, gen_update_ratio=args.gen_update_ratio,
-                       fkl={"weight": 0.0}, ema={"start": 10**9})
+                       fkl={"weight": 0.0}, optim={"lr_generator": 2e-6, "lr_critic": 3e-7},  # the Wan world's
+                       ema={"start": 10**9})
     timer = Timer()
     steps = sum(1 + (i % args.gen_update_ratio == 0) for i in range(args.iterations))
     strategy = DeepSpeedEnginesStrategy(stage=2, offload_optimizer=not args.no_offload, bf16=True,

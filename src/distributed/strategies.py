@@ -17,8 +17,11 @@ Lightning's automatic optimisation passes the optimizer the same way). Each stra
 * ``FSDP2Strategy`` (``fsdp2``): ``fully_shard`` per transformer block and per model, the frozen teacher sharded on
   its own; checkpoints through Lightning's ModelParallelStrategy.
 
-Activation checkpointing is not a strategy's business: it is the models' own per-block switch, which the task turns on
-(``world.training.activation_checkpointing``), so it is the same under every strategy and on one device.
+* ``SingleDeviceDiTStrategy`` (the default, conf/trainer/default.yaml): one device, nothing but ``parallelize_dit``.
+
+Every strategy applies ``src.distributed.parallelize.parallelize_dit`` to each DiT child of the module (activation
+checkpointing, compile, then its own sharding: none, FSDP2 or a ZeRO engine), with the run's ``parallelize`` settings
+(conf/parallelize/), so checkpointing and compile are the same under every strategy and on one device.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from src.distributed.parallelize import ParallelizeConfig, fully_shard_dit, parallelize_dit
 from src.io import commit_folder, temporary_sibling
+from src.models.wan import WanDiT
 
 LIGHTNING_STATE = "lightning.ckpt"
 
@@ -74,6 +79,34 @@ def average_gradients(params, bucket_numel: int = 25_000_000) -> None:
                 size += grad.numel()
 
 
+def dit_children(module: nn.Module) -> dict[str, WanDiT]:
+    """The DiTs a LightningModule trains or runs (generator, critic, teacher; the teacher stage's model)."""
+    return {name: child for name, child in module.named_children() if isinstance(child, WanDiT)}
+
+
+class SingleDeviceDiTStrategy(SingleDeviceStrategy):
+    """One device (the accelerator's first of ``trainer.devices``), every DiT child through ``parallelize_dit``."""
+
+    def __init__(self, parallelize: ParallelizeConfig | dict | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.parallelize = ParallelizeConfig.of(parallelize)
+        self.parallel_devices = None  # set by the Trainer from accelerator and devices (its _lazy_init_strategy)
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            if len(self.parallel_devices) > 1:
+                raise ValueError(f"{type(self).__name__} runs on one device, trainer.devices gives "
+                                 f"{len(self.parallel_devices)}: use trainer=ddp or a strategy= choice")
+            return self.parallel_devices[0]
+        return self._root_device
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        for dit in dit_children(self.lightning_module).values():
+            parallelize_dit(dit, self.parallelize)
+
+
 def raw_optimizer(optimizer):
     return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
@@ -85,12 +118,19 @@ def optimizer_params(optimizer) -> list[nn.Parameter]:
 class GradSyncDDPStrategy(DDPStrategy):
     """Data parallel without the DDP wrapper: gradients averaged per optimizer after each backward."""
 
-    def __init__(self, bucket_numel: int = 25_000_000, **kwargs: Any):
+    def __init__(self, bucket_numel: int = 25_000_000, parallelize: ParallelizeConfig | dict | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.bucket_numel = int(bucket_numel)
+        self.parallelize = ParallelizeConfig.of(parallelize)
 
     def configure_ddp(self) -> None:
         broadcast_module_states(self.model)
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        for dit in dit_children(self.lightning_module).values():  # no wrapper: gradients are averaged after backward
+            parallelize_dit(dit, self.parallelize)
 
     def optimizer_for_backward(self, optimizer):
         """The optimizer a backward serves: the one named, or the only one."""
@@ -182,6 +222,9 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self.build_engines()
+        else:
+            for dit in dit_children(self.lightning_module).values():
+                parallelize_dit(dit, self.parallelize)
         self.precision_plugin = EngineClipping(self)
 
     def build_engines(self) -> None:
@@ -194,8 +237,9 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
             if len(names) != 1:
                 raise ValueError(f"{type(self).__name__}: each optimizer must hold exactly the parameters of one child "
                                  f"module of {type(module).__name__} (one engine per model)")
-            engine, *_ = self.deepspeed.initialize(model=children[names[0]], optimizer=optimizer,
-                                                   config=self.ds_config(trainable=True), dist_init_required=False)
+            engine = parallelize_dit(children[names[0]], self.parallelize, lambda model, optimizer=optimizer: (
+                self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(trainable=True),
+                                          dist_init_required=False)[0]))
             self.engines[id(optimizer)], self.engine_names[id(optimizer)] = engine, names[0]
             owned.add(names[0])
         for name, child in children.items():
@@ -203,10 +247,10 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
             if name in owned or not params or any(p.requires_grad for p in params):
                 continue
             if self.stage == 3:  # a partitioned inference engine; the module's forward hooks gather its parameters
-                self.deepspeed.initialize(model=child.to(self.frozen_dtype), config=self.ds_config(trainable=False),
-                                          dist_init_required=False)
+                parallelize_dit(child.to(self.frozen_dtype), self.parallelize, lambda model: self.deepspeed.initialize(
+                    model=model, config=self.ds_config(trainable=False), dist_init_required=False))
             else:
-                child.to(self.frozen_dtype)
+                parallelize_dit(child.to(self.frozen_dtype), self.parallelize)
 
     def engine(self, optimizer):
         optimizer = raw_optimizer(optimizer)
@@ -283,26 +327,27 @@ class DeepSpeedEnginesStrategy(GradSyncDDPStrategy):
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 without a configure_model() in the module: the strategy shards the children named in `shard` per block
-    (`fully_shard` on each element of `<child>.<block_attr>`, then on the child), frozen ones on their own.
-    reshard_after_forward: True ~ ZeRO-3, False ~ ZeRO-2. GPU (NCCL) only. Under trainer.precision=bf16-mixed the
-    sharded parameters stay fp32 (master weights) and Lightning's autocast computes in bf16."""
+    """FSDP2 without a configure_model() in the module: every DiT child goes through ``parallelize_dit`` with
+    ``fully_shard`` per transformer block and then on the child (``fully_shard_dit``), frozen ones on their own.
+    reshard_after_forward: True ~ ZeRO-3, False ~ ZeRO-2. Data parallel only (no tensor parallelism). GPU (NCCL) only.
+    Under trainer.precision=bf16-mixed the sharded parameters stay fp32 (master weights) and Lightning's autocast
+    computes in bf16."""
 
-    def __init__(self, shard: list[str] = ("generator", "critic", "teacher"), block_attr: str = "blocks",
-                 reshard_after_forward: bool = True, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.shard_names = list(shard)
-        self.block_attr, self.reshard_after_forward = block_attr, reshard_after_forward
+    def __init__(self, reshard_after_forward: bool = True, parallelize: ParallelizeConfig | dict | None = None,
+                 **kwargs: Any):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+        self.parallelize = ParallelizeConfig.of(parallelize)
+
+    def setup_environment(self) -> None:
+        # data parallel over every rank (Lightning's "auto" is one data-parallel group per node, for 2D meshes)
+        self._data_parallel_size = self.world_size
+        super().setup_environment()
 
     def shard_module(self, module: nn.Module) -> None:
-        from torch.distributed.fsdp import fully_shard
-
         mesh = self.device_mesh["data_parallel"]
-        for name in self.shard_names:
-            child = getattr(module, name)
-            for block in getattr(child, self.block_attr):
-                fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-            fully_shard(child, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        for dit in dit_children(module).values():
+            parallelize_dit(dit, self.parallelize, lambda model: fully_shard_dit(model, mesh, self.reshard_after_forward))
 
     def setup(self, trainer) -> None:
         if self.root_device.type != "cuda":

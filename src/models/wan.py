@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils.checkpoint import checkpoint
 
 from src.models.attention import ChunkAttention, GroupedAttention, RowGroup, attention
 from src.models.kv_cache import KVCache
@@ -294,7 +293,6 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self.gradient_checkpointing = False  # set from outside (training configs)
         self.attention_backend = "auto"  # "auto" | "flex" | "dense" (the O(L^2) test reference): ChunkAttention
         self.init_weights()
 
@@ -316,12 +314,10 @@ class WanDiT(nn.Module):
                        cache_gradient=cache_gradient)
 
     def run_blocks(self, tokens, e0, text, rope, attn) -> torch.Tensor:
-        """The transformer blocks (checkpointed per block when gradient_checkpointing is on and grad is enabled)."""
+        """The transformer blocks (activation checkpointing, if any, wraps each block from outside:
+        src.distributed.parallelize)."""
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, e0, text, rope, attn, i, use_reentrant=False)
-            else:
-                tokens = block(tokens, e0, text, rope, attn, i)
+            tokens = block(tokens, e0, text, rope, attn, i)
         return tokens
 
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -364,8 +360,6 @@ class WanDiT(nn.Module):
                 cache.text_source = context
             window, sink = cache.window, cache.sink
         num_write = n_frames if write_cache is True else int(write_cache)
-        if cache is not None and num_write and self.gradient_checkpointing and torch.is_grad_enabled():
-            raise ValueError("cache writes run without grad (wrap them in torch.no_grad())")
         attn = ChunkAttention(cache, start_frame, n_frames, h * w, frames_per_block, window, sink,
                               num_write if cache is not None else 0, self.attention_backend)
         rope = rope_tables(self.cfg.head_dim, start_frame, n_frames, h, w, x.device)

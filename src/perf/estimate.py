@@ -43,15 +43,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import src.models.kv_cache as kv_cache
 from src.distributed.config import batch_plan
+from src.distributed.parallelize import ParallelizeConfig, parallelize_dit
+from src.distributed.strategies import dit_children
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SIZES_GB = (24, 48, 80, 141)
 GIB = 2**30
-GB = 1e9
 STRATEGY_NAMES = ("single", "ddp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
                   "deepspeed_zero3_offload", "fsdp2")
 UMT5_PARAMETERS = 5_680_000_000  # umT5-XXL encoder, ~5.7B (wan21.md §6), bf16
-DEEPSPEED_ZERO3_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters default (elements)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -66,25 +66,26 @@ def compose(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # paths interpolate ${hydra:...}
-    if not cfg.get("task") or not str(cfg.task.get("_target_", "")).endswith("DistillTask"):
+    if cfg.get("stage") != "student":
         raise ValueError("src.perf.estimate estimates the distillation stage: pass experiment=hiar_fkl (or hiar / "
                          "self_forcing) with the overrides you give src.train")
     return cfg
 
 
 def strategy_name(cfg: DictConfig) -> str:
-    """The conf/strategy choice, recognised from the composed node (None: one device without a strategy)."""
-    node = cfg.get("strategy")
-    if not node:
+    """The conf/strategy choice (Hydra's record of it; "single": one device without a strategy), its DeepSpeed stage and
+    offload read from the composed node (they can be overridden: strategy.stage=3)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("strategy")
+    if choice in (None, "null"):
         return "single"
-    target = str(node._target_).rsplit(".", 1)[-1]
-    if target == "GradSyncDDPStrategy":
-        return "ddp"
-    if target == "FSDP2Strategy":
-        return "fsdp2"
-    if target == "DeepSpeedEnginesStrategy":
+    if choice.startswith("deepspeed"):
+        node = cfg.strategy
         return f"deepspeed_zero{int(node.stage)}" + ("_offload" if node.get("offload_optimizer") else "")
-    raise ValueError(f"src.perf.estimate does not know strategy {node._target_}")
+    if choice in ("ddp", "fsdp2"):
+        return choice
+    raise ValueError(f"src.perf.estimate does not know strategy={choice}")
 
 
 # --------------------------------------------------------------------------------------------- the iteration
@@ -295,6 +296,10 @@ def build_task(cfg: DictConfig, device: str | torch.device = "cpu", model_mode=N
         task = distill.DistillTask(**kwargs)
     finally:
         distill.load_world_model = real_loader
+    # activation checkpointing as every strategy applies it (compile is not modelled: fake tensors count eager ops)
+    checkpointing = ParallelizeConfig(activation_checkpointing=bool(cfg.parallelize.activation_checkpointing))
+    for dit in dit_children(task).values():
+        parallelize_dit(dit, checkpointing)
     return task if model_mode is not None else task.to(device)
 
 
@@ -476,7 +481,7 @@ def report(cfg: DictConfig, measured: dict, strategy: str, world_size: int) -> d
     worst = max(updates.values(), key=lambda u: u["peak_gib"])
     return {
         "strategy": strategy, "world_size": world_size, "micro_batch_size": micro, "num_frames": frames,
-        "activation_checkpointing": bool(cfg.task.activation_checkpointing),
+        "activation_checkpointing": bool(cfg.parallelize.activation_checkpointing),
         "compute": compute_mode(cfg, strategy), "parameters": measured["parameters"],
         "updates": updates, "peak_gib": worst["peak_gib"],
         "text_encoder_while_encoding_gib": encoder / GIB,

@@ -198,13 +198,6 @@ def run_position(trainer) -> tuple[int, int, int]:
     return iteration, trainer.global_rank, trainer.world_size
 
 
-def task_setting(trainer, key: str, default):
-    if trainer is None:
-        return default
-    value = trainer.lightning_module.hparams.get(key, default)
-    return default if value is None else value
-
-
 def loader(stream: PositionalStream, num_workers: int) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -272,24 +265,24 @@ class DistillDataModule(L.LightningDataModule):
 
     Iteration i draws, in the official order, a generator batch (when i % gen_update_ratio == 0) then a critic batch
     from the prompt stream, and on generator iterations a trajectory batch. Batches: {"critic_prompt": list} and, on
-    generator iterations, {"prompt": list} plus {"trajectory", "sigmas", "trajectory_prompt"} when the task's
-    forward-KL weight is > 0 and `shard_dir` is set."""
+    generator iterations, {"prompt": list} plus {"trajectory", "sigmas", "trajectory_prompt"} when `fkl_weight` > 0.
+    `gen_update_ratio`, `grad_accumulation` and `fkl_weight` are the task's (conf/data/distill.yaml interpolates them
+    from `task`), so the stream and the task agree by construction."""
 
-    def __init__(self, prompts: str, shard_dir: str | None = None, batch_size: int = 4, num_prompts: int | None = None,
+    def __init__(self, prompts: str, *, gen_update_ratio: int, grad_accumulation: int, fkl_weight: float,
+                 shard_dir: str | None = None, batch_size: int = 4, num_prompts: int | None = None,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, verify_checksums: bool = True):
         super().__init__()
         self.save_hyperparameters()
+        if float(fkl_weight) > 0 and not shard_dir:
+            raise InputError("the task's fkl.weight > 0 needs ODE-pair trajectories: set data.shard_dir")
         self.prompts = prompt_list(prompts, num_prompts, seed)
         self.pairs = TrajectoryReader(shard_dir, verify_checksums) if shard_dir else None
 
     def train_dataloader(self):
         hp = self.hparams
         start, rank, world = run_position(self.trainer)
-        ratio = int(task_setting(self.trainer, "gen_update_ratio", 1))
-        micro = int(task_setting(self.trainer, "grad_accumulation", 1))
-        fkl = float(task_setting(self.trainer, "fkl", {}).get("weight", 0.0)) > 0
-        if fkl and self.pairs is None:
-            raise InputError("the task's fkl.weight > 0 needs ODE-pair trajectories: set data.shard_dir")
+        ratio, micro, fkl = int(hp.gen_update_ratio), int(hp.grad_accumulation), float(hp.fkl_weight) > 0
         prompt_order = EpochOrder(len(self.prompts), hp.seed, "prompts", hp.shuffle)
         pair_order = EpochOrder(len(self.pairs), hp.seed, "ode_pairs", hp.shuffle) if fkl else None
         global_batch = hp.batch_size * world

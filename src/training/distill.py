@@ -24,12 +24,17 @@ It is an fp32 shadow of the fp32 master weights (src/training/ema.py), optionall
 
 Precision policy (docs/distributed.md): fp32 master weights and optimizer states, bf16 compute (trainer=gpu_bf16),
 the frozen teacher stored in `teacher_dtype` (bf16 under that policy, loaded straight into it). Activation
-checkpointing of generator and critic is the models' own per-block switch, turned on here for every strategy.
+checkpointing and compile are applied to the models from outside, by every strategy (src/distributed/parallelize.py).
+
+Settings have one home, conf/task/distill.yaml (and the default forward-KL group, conf/fkl/bidirectional.yaml): a key
+of `dmd`, `fkl`, `optim`, `ema` or `nonfinite` left out by a caller (tests, scripts) takes the value written there;
+the ones the YAML takes from the world (learning rates, EMA start) must be given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import hydra
@@ -37,6 +42,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import is_fake
 
 from src.artifacts import verify_artifact
@@ -61,6 +67,40 @@ from src.training.teacher import model_config, plain
 
 ROLLOUT_ORDERS = ("step_first", "block_first")
 FKL_ATTENTION = ("bidirectional", "causal")
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SETTING_GROUPS = ("dmd", "fkl", "optim", "ema", "nonfinite")
+WORLD_SETTINGS = (("optim", "lr_generator"), ("optim", "lr_critic"), ("ema", "start"))  # the YAML interpolates these
+
+
+@functools.cache
+def yaml_settings() -> dict[str, dict]:
+    """The values conf/task/distill.yaml writes for each settings group (conf/fkl/bidirectional.yaml for `fkl`, the
+    default fkl choice); keys it interpolates from the world are left out: they have no value but the world's."""
+    # the default numerics group resolves the keys it sets (dmd.sigma_lookup); the world's stay unresolved
+    root = OmegaConf.merge(OmegaConf.load(CONF / "numerics" / "default.yaml"),
+                           {"task": OmegaConf.load(CONF / "task" / "distill.yaml"),
+                            "fkl": OmegaConf.load(CONF / "fkl" / "bidirectional.yaml")})
+    nodes = {group: root.task[group] for group in SETTING_GROUPS if group != "fkl"}
+    nodes["fkl"] = root.fkl
+
+    def known(node, key) -> bool:
+        return not OmegaConf.is_interpolation(node, key) or str(node._get_node(key)._value()).startswith("${numerics.")
+
+    def value(node, key):  # reading one key resolves only its own interpolation
+        v = node[key]
+        return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+    return {group: {k: value(node, k) for k in node if known(node, k)} for group, node in nodes.items()}
+
+
+def with_yaml_settings(given: dict[str, dict | None]) -> dict[str, dict]:
+    """Each settings group given over the YAML's values of it; one error naming every world setting left out."""
+    out = {group: {**yaml_settings()[group], **(plain(value) if value else {})} for group, value in given.items()}
+    missing = [f"task.{group}.{key}" for group, key in WORLD_SETTINGS if out[group].get(key) is None]
+    if missing:
+        raise ValueError(f"DistillTask: {', '.join(missing)} not set (conf/task/distill.yaml takes them from the "
+                         "world's `training` block)")
+    return out
 
 
 @contextlib.contextmanager
@@ -124,21 +164,16 @@ class DistillTask(L.LightningModule):
         seed: int = 0,
         grad_accumulation: int = 1,
         nonfinite: dict | None = None,
-        activation_checkpointing: bool = False,
         teacher_dtype: str = "float32",
         cache_gradient: str = "detached",
     ):
         super().__init__()
         world = plain(world)
-        dmd = {"guidance": 3.0, "shift": 5.0, "t_min": 20.0, "t_max": 980.0, "sigma_lookup": "exact",
-               "score_shift": 8.0, **(plain(dmd) if dmd else {})}
-        fkl = {"weight": 0.1, "num_steps": 1, "attention": "bidirectional", **(plain(fkl) if fkl else {})}
-        optim = {"lr_generator": 2e-6, "lr_critic": 3e-7, "betas": [0.0, 0.999], "weight_decay": 0.01,
-                 "grad_clip": 10.0, **(plain(optim) if optim else {})}
-        ema = {"decay": 0.99, "start": 200, "device": None, **(plain(ema) if ema else {})}
-        # K non-finite optimizer steps in a row stop the run; past this fraction of non-finite DMD gradient elements
-        # the run stops (a few come from mean|x - real| = 0 samples, a broken teacher or critic gives all of them)
-        nonfinite = {"max_consecutive_skips": 3, "dmd_max_fraction": 0.01, **(plain(nonfinite) if nonfinite else {})}
+        # nonfinite: K non-finite optimizer steps in a row stop the run; past a fraction of non-finite DMD gradient
+        # elements the run stops (a few come from mean|x - real| = 0 samples, a broken teacher or critic gives all)
+        settings = with_yaml_settings({"dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "nonfinite": nonfinite})
+        dmd, fkl, optim, nonfinite = settings["dmd"], settings["fkl"], settings["optim"], settings["nonfinite"]
+        ema = {"device": None, **settings["ema"]}  # device None: beside the generator
         sampler = plain(sampler)
         if fkl["attention"] not in FKL_ATTENTION:
             raise ValueError(f"fkl.attention must be one of {FKL_ATTENTION}, got {fkl['attention']!r}")
@@ -157,8 +192,7 @@ class DistillTask(L.LightningModule):
             "generator_init_which": generator_init_which, "export_dir": export_dir,
             "num_frames": num_frames, "gen_update_ratio": gen_update_ratio, "min_exit_step": min_exit_step,
             "dmd": dmd, "fkl": fkl, "optim": optim, "ema": ema, "seed": seed, "grad_accumulation": int(grad_accumulation),
-            "nonfinite": nonfinite, "activation_checkpointing": bool(activation_checkpointing),
-            "teacher_dtype": teacher_dtype, "model_config": model_config(world["student"]).to_dict(),
+            "nonfinite": nonfinite, "teacher_dtype": teacher_dtype, "model_config": model_config(world["student"]).to_dict(),
             "cache_gradient": cache_gradient,
         })
         self.automatic_optimization = False
@@ -183,8 +217,6 @@ class DistillTask(L.LightningModule):
             self.generator = load_world_model(world["student"], generator_init, generator_init_which, torch.float32)
         else:
             self.generator = load_world_model(world["student"], base, base_which, torch.float32)
-        for model in (self.generator, self.critic):  # the model's own switch, set from outside (any strategy)
-            model.gradient_checkpointing = bool(activation_checkpointing)
         self.ema: GeneratorEMA | None = None  # not a submodule: never moved or cast by Lightning
         self.text_encoder = hydra.utils.instantiate(world["text_encoder"]).requires_grad_(False)
         self.codec = hydra.utils.instantiate(world["codec"])

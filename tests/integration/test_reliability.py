@@ -44,6 +44,7 @@ ROOT = Path(__file__).parents[2]
 FRAMES = 6
 SHAPE = (5, FRAMES, 12, 4, 4)  # trajectory [K, F, C, h, w] of the tiny world
 RATIO = 2  # generator iterations 0, 2, 4, ...
+STREAM = {"gen_update_ratio": RATIO, "grad_accumulation": 1, "fkl_weight": 0.1}  # the task's settings, as the YAML gives
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,9 @@ class Record(L.Callback):
 
 def fit(teacher, shards, root: Path, iterations: int, ckpt_path=None, callbacks=(), every=2, **task_kw):
     task, record = make_task(teacher, root / "export", **task_kw), Record()
-    data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=2, seed=0)
+    data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=2, seed=0,
+                             gen_update_ratio=task.hparams.gen_update_ratio, fkl_weight=task.hparams.fkl["weight"],
+                             grad_accumulation=task.hparams.grad_accumulation)
     steps = sum(1 + (i % RATIO == 0) for i in range(iterations))
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=root, plugins=[AtomicCheckpointIO()],
@@ -100,8 +103,6 @@ def test_streams_follow_the_iteration_whatever_the_world_size(shards):
     a stream started at iteration 3 gives what the stream from 0 gives at 3."""
 
     class Module:
-        hparams = {"gen_update_ratio": RATIO, "grad_accumulation": 1, "fkl": {"weight": 0.1}}
-
         def __init__(self, iteration):
             self.iteration = torch.tensor(iteration)
 
@@ -110,7 +111,8 @@ def test_streams_follow_the_iteration_whatever_the_world_size(shards):
             self.lightning_module, self.global_rank, self.world_size = Module(iteration), rank, world
 
     def batches(iteration, rank, world, per_rank, n):
-        data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=per_rank)
+        data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=per_rank,
+                                 **STREAM)
         data.trainer = Trainer(iteration, rank, world)
         stream = iter(data.train_dataloader())
         return [next(stream) for _ in range(n)]
@@ -128,7 +130,8 @@ def test_streams_follow_the_iteration_whatever_the_world_size(shards):
     assert [b["critic_prompt"] for b in late] == [b["critic_prompt"] for b in one[3:5]]
     assert torch.equal(late[1]["trajectory"], one[4]["trajectory"]) and int(late[0]["iteration"]) == 3
     drawn = {p for b in one for p in b["critic_prompt"] + b.get("prompt", [])}
-    assert drawn == set(DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards)).prompts)  # all lines
+    assert drawn == set(DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards),
+                                          **STREAM).prompts)  # all lines
 
 
 def test_inf_is_skipped_and_counted_nan_stops_without_export(teacher, shards, tmp_path):
@@ -265,20 +268,20 @@ def test_resume_refuses_another_task_or_other_models(teacher, tmp_path):
 
 def test_bad_inputs_fail_before_any_work_naming_the_file_or_key(teacher, shards, tmp_path):
     with pytest.raises(InputError, match="task.fkl.weight: expected a number, got 'abc'"):
-        validate_config({"task": {"_target_": "src.training.distill.DistillTask", "fkl": {"weight": "abc"}}})
+        validate_config({"stage": "student", "task": {"fkl": {"weight": "abc"}}})
     with pytest.raises(InputError, match="task.ema.decay: must be <= 1, got 2"):
-        validate_config({"task": {"_target_": "src.training.distill.DistillTask", "ema": {"decay": 2}}})
+        validate_config({"stage": "student", "task": {"ema": {"decay": 2}}})
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match=f"task.export_dir: {blocker}/out is not writable"):
-        validate_config({"task": {"_target_": "src.training.distill.DistillTask", "export_dir": f"{blocker}/out"}})
+        validate_config({"stage": "student", "task": {"export_dir": f"{blocker}/out"}})
     empty = tmp_path / "empty.ckpt"
     empty.touch()
     with pytest.raises(InputError, match=f"ckpt_path: {empty} is empty"):
         validate_config({"ckpt_path": str(empty)})
     with pytest.raises(InputError, match="task.world.teacher_checkpoint: .*missing.safetensors"):
-        validate_config({"task": {"_target_": "src.training.distill.DistillTask", "generator_init": None,
-                                  "world": {"teacher_checkpoint": str(tmp_path / "missing.safetensors")}}})
+        validate_config({"stage": "student", "task": {
+            "generator_init": None, "world": {"teacher_checkpoint": str(tmp_path / "missing.safetensors")}}})
     binary = tmp_path / "prompts.txt"
     binary.write_bytes(b"a cat\n\xff\xfe\x00\x01")
     with pytest.raises(InputError, match=f"prompt file {binary}: holds a NUL byte"):

@@ -107,7 +107,6 @@ def _shard_samples(shard_dir: Path) -> list[dict]:
     return samples
 
 
-@pytest.mark.slow
 def test_chain_on_a_tiny_release(release, tmp_path, monkeypatch):
     from evaluation.run import evaluate
     from src.generate import generate

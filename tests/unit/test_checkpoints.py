@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from src.checkpoints import (
     CheckpointError,
+    check_state_dict,
     export_training_checkpoint,
     load_dit,
-    load_state_dict_strict,
     save_dit,
     wan_to_diffusers,
 )
@@ -140,7 +140,7 @@ def test_missing_key_and_wrong_shape_load_nothing(tiny_model, tiny_config, tmp_p
     target = WanDiT(tiny_config)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
-        load_state_dict_strict(target, state)
+        check_state_dict(target, state, "checkpoint")
     message = str(err.value)
     assert "blocks.0.ffn.0.bias" in message and "head.head.weight" in message and "blocks.9.extra" in message
     assert "nothing was loaded" in message

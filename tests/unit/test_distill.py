@@ -1,18 +1,13 @@
-"""Distillation on tiny models: losses, where gradients flow, update ratio, frozen teacher, forward-KL attention."""
+"""Distillation on tiny models: losses, where gradients flow, forward-KL attention (training over many steps:
+tests/integration/test_training_runs.py)."""
 
-import lightning as L
 import pytest
 import torch
 
 from src.flow_matching import warp_steps
-from src.training.distill import DistillTask, chord_x0
+from src.training.distill import chord_x0
 
-from helpers import SAMPLER, DistillBatches, distill_batch, tiny_world
-
-
-def make_task(teacher_file, order="step_first", **kw):
-    return DistillTask(world=tiny_world(teacher_file), sampler={**SAMPLER, "order": order}, num_frames=9,
-                       optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"decay": 0.9, "start": 2}, **kw)
+from helpers import SAMPLER, distill_batch, distill_task
 
 
 class Recorder:
@@ -33,7 +28,7 @@ class Recorder:
 @pytest.mark.parametrize("order", ["step_first", "block_first"])
 @pytest.mark.parametrize("exit_step", [0, 2, 3])
 def test_gradients_reach_only_the_exit_step_forwards(teacher_file, order, exit_step):
-    task = make_task(teacher_file, order)
+    task = distill_task(teacher_file, order)
     recorder = Recorder(task.generator)
     cond, _ = task.encode_text(["a red circle moving left on a gray background"])
     x = task.rollout(task.generator, cond, exit_step, "generator")
@@ -48,7 +43,7 @@ def test_gradients_reach_only_the_exit_step_forwards(teacher_file, order, exit_s
 
 
 def test_one_iteration_of_each_loss(teacher_file):
-    task = make_task(teacher_file)
+    task = distill_task(teacher_file)
     b = distill_batch()
     cond, uncond = task.encode_text(b["prompt"])
     x = task.rollout(task.generator, cond, 1, "generator")
@@ -59,7 +54,7 @@ def test_one_iteration_of_each_loss(teacher_file):
 
 def test_dmd_gradient_vanishes_when_the_critic_equals_the_teacher(teacher_file):
     """Critic and teacher start from the same weights; without guidance fake == real, so there is nothing to learn."""
-    task = make_task(teacher_file, dmd={"guidance": 0.0})
+    task = distill_task(teacher_file, dmd={"guidance": 0.0})
     x = torch.randn(2, 9, 12, 4, 4)
     cond, uncond = task.encode_text(["a red circle moving left on a gray background"] * 2)
     assert task.dmd_gradient(x, cond, uncond).abs().max() < 1e-4  # fake == real: nothing to learn
@@ -67,7 +62,7 @@ def test_dmd_gradient_vanishes_when_the_critic_equals_the_teacher(teacher_file):
 
 def test_forward_kl_uses_full_attention_and_the_chord_target(teacher_file):
     for attention, fpb in (("bidirectional", None), ("causal", 3)):
-        task = make_task(teacher_file, fkl={"attention": attention})
+        task = distill_task(teacher_file, fkl={"attention": attention})
         recorder = Recorder(task.generator)
         b = distill_batch()
         cond, _ = task.encode_text(b["prompt"])
@@ -77,25 +72,3 @@ def test_forward_kl_uses_full_attention_and_the_chord_target(teacher_file):
     assert torch.allclose(chord_x0(x_a, x_b, 1.0, 0.96), x_a + 25 * (x_b - x_a), atol=1e-5)
 
 
-def test_update_ratio_frozen_teacher_and_ema(teacher_file, tmp_path):
-    task = make_task(teacher_file)
-    teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
-    counts = {"generator": 0, "critic": 0}
-    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, enable_model_summary=False)
-    original = task.configure_optimizers
-
-    def counted():
-        optimizers = original()
-        for name, opt in zip(("generator", "critic"), optimizers):
-            opt.register_step_post_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
-        return optimizers
-
-    task.configure_optimizers = counted
-    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(DistillBatches(), batch_size=None))
-    assert counts == {"generator": 2, "critic": 10}  # 10 iterations, a generator update every 5th, 12 optimizer steps
-    assert all(torch.equal(teacher_before[k], v) for k, v in task.teacher.state_dict().items())
-    assert task.generator_ema is not None  # started at iteration 2
-    assert (tmp_path / "model.pt").exists() and (tmp_path / "student.safetensors").exists()
-    exported = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert set(exported) == {"generator", "critic", "generator_ema"}

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from src.checkpoints import wan_to_diffusers
+from src.distributed.parallelize import checkpoint_blocks
 from src.models.wan import WanConfig, WanDiT, count_parameters, rope_axis_dims
 
+from helpers import ATTENTION_MODES
+from helpers import model_inputs as _inputs
+
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-
-
-def _inputs(frames=12, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, frames, 4, 4, 6, generator=g)
-    t = torch.rand(batch, frames, generator=g) * 1000
-    ctx = torch.randn(batch, 8, 16, generator=g)
-    return x, t, ctx
 
 
 def _cached_blocks(model, x, t, ctx, fpb, cache):
@@ -100,13 +96,15 @@ def test_positions_beyond_the_official_table(tiny_model):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    """Activation checkpointing applied from outside (src.distributed.parallelize.checkpoint_blocks)."""
     torch.manual_seed(0)
     model = WanDiT(tiny_config)
     x, t, ctx = _inputs(frames=6)
     grads = []
     for flag in (False, True):
         model.zero_grad()
-        model.gradient_checkpointing = flag
+        if flag:
+            checkpoint_blocks(model)
         model(x, t, ctx, frames_per_block=3).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -193,13 +191,7 @@ def _with_backend(model, backend):
     return model
 
 
-MODES = [  # (frames_per_block, window, sink)
-    (None, None, 0),  # bidirectional
-    (3, None, 0),  # block-causal
-    (3, 6, 0),
-    (3, 6, 3),  # rolling window with sink frames (two key ranges per late block)
-    (3, 9, 2),
-]
+MODES = ATTENTION_MODES
 
 
 @pytest.mark.parametrize("backend", ["auto", "flex"])
@@ -261,75 +253,11 @@ def test_steady_state_cached_forwards_need_no_mask_and_no_copy(tiny_model):
     assert cache.frames == [0, 1, 2, 24, 25, 26, 27, 28, 29]
 
 
-def test_no_quadratic_tensor_at_1_3b_shapes():
-    """A 21-frame 1.3B forward (32760 tokens) on fake tensors in every mode: no tensor of L^2/2 elements or more is
-    created (the dense mask alone would be L^2); the largest is the FFN activation [L, 8960]."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(o, torch.Tensor):
-                    self.numel = max(self.numel, o.numel())
-            return out
-
-    tokens = 21 * 1560
-    with FakeTensorMode(), torch.no_grad():
-        model = WanDiT(WanConfig())
-        x, t, ctx = torch.randn(1, 21, 16, 60, 104), torch.full((1, 21), 500.0), torch.randn(1, 512, 4096)
-        runs = [dict(frames_per_block=3, window=21, sink=3), dict(frames_per_block=3)]
-        for kwargs in runs:
-            with Largest() as largest:
-                model(x, t, ctx, **kwargs)
-            assert largest.numel == tokens * 8960 < tokens**2 // 2
-        cache = model.new_cache(window=21, sink=3)
-        for start in (0, 3, 6):
-            model(x[:, :6], t[:, :6], ctx, cache=cache, start_frame=start, frames_per_block=3, write_cache=3)
-        with Largest() as largest:  # a fused chunk reading the cache (sinks + window)
-            model(x[:, :6], t[:, :6], ctx, cache=cache, start_frame=9, frames_per_block=3, write_cache=3)
-        assert largest.numel < tokens**2 // 2
-        model.attention_backend = "dense"
-        with Largest() as largest:
-            model(x, t, ctx, frames_per_block=3)
-        assert largest.numel >= tokens**2  # the reference path really builds [L, L]
-
-
-def test_rollout_gradients_with_checkpointing_and_rolling_window(tiny_config):
-    """Checkpointed and plain generator gradients of a step-first training rollout (exit step 1) are equal, with
-    and without a rolling window: every recompute reads the cache slots its forward read."""
-    from src.sampling.noise import NoiseBank
-    from src.sampling.orders import SamplerConfig, sample
-
-    torch.manual_seed(0)
-    model = WanDiT(tiny_config)
-    ctx = torch.randn(1, tiny_config.text_len, tiny_config.text_dim, generator=torch.Generator().manual_seed(1))
-    for window in (None, 6):
-        cfg = SamplerConfig(steps=[1000, 500], window=window)
-        grads = []
-        for flag in (False, True):
-            model.zero_grad()
-            model.gradient_checkpointing = flag
-            for order in ("step_first", "block_first"):
-                out = sample(model, ctx, 15, (4, 4, 6), cfg, NoiseBank(0), order=order, exit_step=1)
-                out.square().mean().backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        assert grads[0].abs().max() > 0
-        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
-    model.gradient_checkpointing = False
-
-
 def test_checkpointed_recompute_refuses_an_overwritten_cache(tiny_config):
     from src.models.kv_cache import CacheChanged
 
     torch.manual_seed(0)
-    model = WanDiT(tiny_config)
-    model.gradient_checkpointing = True
+    model = checkpoint_blocks(WanDiT(tiny_config))
     x, t, ctx = _inputs(frames=6, batch=1)
     cache = model.new_cache(window=6)
     with torch.no_grad():
@@ -339,54 +267,6 @@ def test_checkpointed_recompute_refuses_an_overwritten_cache(tiny_config):
         model(torch.randn_like(x[:, :3]), t[:, :3], ctx, cache=cache, start_frame=0, write_cache=True)
     with pytest.raises(CacheChanged, match="checkpointed"):
         out.square().mean().backward()
-
-
-@pytest.mark.parametrize("fpb,window,sink", MODES)
-def test_bfloat16_every_attention_mode(tiny_model, fpb, window, sink):
-    """bf16 weights and inputs in every mode (one pass, cached in place, cached with grad, fused): finite, close to
-    float32 (float32 islands inside the model), and the cache holds bf16."""
-    x, t, ctx = _inputs(frames=12)
-    with torch.no_grad():
-        reference = tiny_model(x, t, ctx, frames_per_block=fpb, window=window, sink=sink)
-    model = WanDiT(tiny_model.cfg)
-    model.load_state_dict(tiny_model.state_dict())
-    model = model.to(torch.bfloat16).eval()
-    xb, ctxb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
-
-    def close(out, ref):
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()  # bf16: ~3 significant digits per op
-
-    with torch.no_grad():
-        close(model(xb, t, ctxb, frames_per_block=fpb, window=window, sink=sink), reference)
-    if fpb is None:
-        return
-    cache = model.new_cache(window=window, sink=sink)
-    outs = []
-    for start in range(0, 12, 3):
-        sl = slice(start, start + 3)
-        outs.append(model(xb[:, sl], t[:, sl], ctxb, cache=cache, start_frame=start))  # grad: the copy path
-        with torch.no_grad():
-            model(xb[:, sl], t[:, sl], ctxb, cache=cache, start_frame=start, write_cache=True)
-    close(torch.cat(outs, 1).detach(), reference)
-    assert cache.keys[0].dtype == torch.bfloat16
-    with torch.no_grad():
-        fused = model(xb[:, 6:12], t[:, 6:12], ctxb, cache=cache, start_frame=6, frames_per_block=3, write_cache=3)
-    close(fused, reference[:, 6:12])
-
-
-def test_compiled_blocks_match_eager(tiny_config):
-    """src.distributed.parallelize.compile_blocks (CPU inductor): the same velocities as eager, cached and one-pass."""
-    from src.distributed.parallelize import compile_blocks
-
-    torch.manual_seed(0)
-    model = WanDiT(WanConfig(**{**tiny_config.to_dict(), "num_layers": 1})).eval()
-    x, t, ctx = _inputs(frames=6, batch=1)
-    with torch.no_grad():
-        eager = model(x, t, ctx, frames_per_block=3, window=3)
-        compile_blocks(model)
-        compiled = model(x, t, ctx, frames_per_block=3, window=3)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_rope_tables_built_in_inference_or_fake_mode_serve_a_later_backward(tiny_model):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from src.distributed.parallelize import checkpoint_blocks
 from src.flow_matching import x0_from_velocity
 from src.models.wan import WanConfig, WanDiT
 from src.perf.sampler_bench import ForwardCounter, bench_samplers
@@ -185,8 +186,7 @@ def test_prompt_switch_recaches_window_under_new_prompt(tiny_model, ctx):
 @pytest.mark.parametrize("order", ["step_first", "block_first"])
 def test_exit_step_rollout_grad_only_through_exit_forwards(tiny_config, ctx, order):
     torch.manual_seed(0)
-    model = WanDiT(tiny_config)
-    model.gradient_checkpointing = True  # the model refuses cache writes with grad under checkpointing
+    model = checkpoint_blocks(WanDiT(tiny_config))  # which refuses cache writes with grad
     rec = Recorder(model)
     cfg = SamplerConfig(steps=[1000, 750, 500], window=None)
     out = sample(rec, ctx, 9, LATENT, cfg, NoiseBank(0), order=order, exit_step=1)
@@ -248,22 +248,3 @@ def test_bench_samplers_reports_each_order(tiny_model):
         assert 0 < r["first_block_latency_s"] <= r["total_s"]
 
 
-@pytest.mark.parametrize("order,options", [("block_first", {}), ("step_first", {}), ("hybrid", {}),
-                                           ("step_first", {"context_level": "current"}),
-                                           ("step_first", {"context_noise": 20.0})])
-def test_samplers_in_bfloat16(tiny_model, ctx, order, options):
-    """Every sampler on a bf16 model (window and sink on): finite bf16 output close to float32, and a bf16
-    training rollout (exit step, grad) backpropagates."""
-    cfg = SamplerConfig(steps=[1000, 750, 500], window=6, sink=3, **options)
-    with torch.no_grad():
-        ref = sample(tiny_model, ctx, 12, LATENT, cfg, NoiseBank(0), order=order)
-    model = WanDiT(tiny_model.cfg)
-    model.load_state_dict(tiny_model.state_dict())
-    model = model.to(torch.bfloat16)
-    with torch.no_grad():
-        out = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # noise is float32; the model casts inside
-    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
-    rollout = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order, exit_step=1)
-    rollout.float().square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

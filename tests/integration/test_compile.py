@@ -11,6 +11,8 @@ from src.sampling.noise import NoiseBank
 from src.sampling.orders import SamplerConfig
 from src.sampling.wavefront import wavefront_sample
 
+from helpers import model_inputs
+
 LATENT = (4, 4, 4)
 TOY = WanConfig(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=1, in_dim=4, out_dim=4, text_len=8,
                 text_dim=16)
@@ -95,3 +97,17 @@ def test_recompile_limit_is_an_error(compiled_flex_on_cpu, monkeypatch):
         else:
             with pytest.raises(FlexRecompileLimit, match="recompile limit"):
                 attention.flex(q, q, q, mask)
+
+
+def test_compiled_blocks_match_eager(tiny_config):
+    """src.distributed.parallelize.compile_blocks (CPU inductor): the same velocities as eager, cached and one-pass."""
+    from src.distributed.parallelize import compile_blocks
+
+    torch.manual_seed(0)
+    model = WanDiT(WanConfig(**{**tiny_config.to_dict(), "num_layers": 1})).eval()
+    x, t, ctx = model_inputs(frames=6, batch=1)
+    with torch.no_grad():
+        eager = model(x, t, ctx, frames_per_block=3, window=3)
+        compile_blocks(model)
+        compiled = model(x, t, ctx, frames_per_block=3, window=3)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

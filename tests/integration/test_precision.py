@@ -3,23 +3,30 @@ frozen teacher stored in bf16; a DMD iteration, ODE pairs and ODE init run in it
 
 
 import lightning as L
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from src.distributed.parallelize import is_checkpointed
+from src.distributed.strategies import SingleDeviceDiTStrategy
 from src.models.wan import WanConfig, WanDiT
+from src.sampling.noise import NoiseBank
+from src.sampling.orders import SamplerConfig, sample
 from src.training.distill import DistillTask
 from src.training.ema import GeneratorEMA
 from src.training.ode_init import OdeInitTask
 from src.training.ode_pairs import OdePairsTask
 
-from helpers import SAMPLER, TINY_MODEL, DistillBatches, tiny_world
+from helpers import ATTENTION_MODES, SAMPLER, TINY_MODEL, DistillBatches, model_inputs, tiny_world
+
+LATENT = (4, 4, 4)  # C, h, w of the sampler tests' tiny latents
 
 
 def test_dmd_iterations_under_the_bf16_policy(teacher_file, tmp_path):
     """trainer=gpu_bf16 on CPU: two DMD iterations (one generator + two critic updates) with activation checkpointing."""
     task = DistillTask(world=tiny_world(teacher_file), sampler=SAMPLER, num_frames=9, gen_update_ratio=2,
                        optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"decay": 0.9, "start": 0},
-                       teacher_dtype="bfloat16", activation_checkpointing=True)
+                       teacher_dtype="bfloat16")
     assert {p.dtype for p in task.teacher.parameters()} == {torch.bfloat16}  # loaded straight into bf16
     generator_before = {k: v.clone() for k, v in task.generator.state_dict().items()}
     losses = []
@@ -28,13 +35,14 @@ def test_dmd_iterations_under_the_bf16_policy(teacher_file, tmp_path):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             losses.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
+    strategy = SingleDeviceDiTStrategy(parallelize={"activation_checkpointing": True})  # what the Wan world runs
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[Record()])
+                        callbacks=[Record()], strategy=strategy)
     trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(DistillBatches(), batch_size=None))
     assert len(losses) == 2 and {"train/dmd", "train/fkl", "train/critic"} <= losses[0].keys()
     assert all(torch.isfinite(torch.tensor(v)) for step in losses for v in step.values())
-    assert task.generator.gradient_checkpointing and task.critic.gradient_checkpointing
+    assert is_checkpointed(task.generator) and is_checkpointed(task.critic) and not is_checkpointed(task.teacher)
     for model in (task.generator, task.critic):  # fp32 master weights and optimizer states
         assert {p.dtype for p in model.parameters()} == {torch.float32}
     for optimizer in trainer.optimizers:
@@ -128,3 +136,59 @@ def test_autocast_attends_and_caches_in_bf16_sized_to_the_video(tiny_model):
     rollout.float().square().mean().backward()
     grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("fpb,window,sink", ATTENTION_MODES)
+def test_bfloat16_every_attention_mode(tiny_model, fpb, window, sink):
+    """bf16 weights and inputs in every mode (one pass, cached in place, cached with grad, fused): finite, close to
+    float32 (float32 islands inside the model), and the cache holds bf16."""
+    x, t, ctx = model_inputs(frames=12)
+    with torch.no_grad():
+        reference = tiny_model(x, t, ctx, frames_per_block=fpb, window=window, sink=sink)
+    model = WanDiT(tiny_model.cfg)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16).eval()
+    xb, ctxb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
+
+    def close(out, ref):
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()  # bf16: ~3 significant digits per op
+
+    with torch.no_grad():
+        close(model(xb, t, ctxb, frames_per_block=fpb, window=window, sink=sink), reference)
+    if fpb is None:
+        return
+    cache = model.new_cache(window=window, sink=sink)
+    outs = []
+    for start in range(0, 12, 3):
+        sl = slice(start, start + 3)
+        outs.append(model(xb[:, sl], t[:, sl], ctxb, cache=cache, start_frame=start))  # grad: the copy path
+        with torch.no_grad():
+            model(xb[:, sl], t[:, sl], ctxb, cache=cache, start_frame=start, write_cache=True)
+    close(torch.cat(outs, 1).detach(), reference)
+    assert cache.keys[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        fused = model(xb[:, 6:12], t[:, 6:12], ctxb, cache=cache, start_frame=6, frames_per_block=3, write_cache=3)
+    close(fused, reference[:, 6:12])
+
+
+@pytest.mark.parametrize("order,options", [("block_first", {}), ("step_first", {}), ("hybrid", {}),
+                                           ("step_first", {"context_level": "current"}),
+                                           ("step_first", {"context_noise": 20.0})])
+def test_samplers_in_bfloat16(tiny_model, order, options):
+    """Every sampler on a bf16 model (window and sink on): finite bf16 output close to float32, and a bf16
+    training rollout (exit step, grad) backpropagates."""
+    ctx = torch.randn(1, tiny_model.cfg.text_len, tiny_model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
+    cfg = SamplerConfig(steps=[1000, 750, 500], window=6, sink=3, **options)
+    with torch.no_grad():
+        ref = sample(tiny_model, ctx, 12, LATENT, cfg, NoiseBank(0), order=order)
+    model = WanDiT(tiny_model.cfg)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # noise is float32; the model casts inside
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+    rollout = sample(model, ctx.to(torch.bfloat16), 12, LATENT, cfg, NoiseBank(0), order=order, exit_step=1)
+    rollout.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
