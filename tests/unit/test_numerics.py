@@ -197,7 +197,8 @@ def test_official_grid_size_of_the_error():
 
 
 def make_task(teacher_file, **kw):
-    return DistillTask(world=tiny_world(teacher_file), sampler=SAMPLER, num_frames=9, **kw)
+    return DistillTask(world=tiny_world(teacher_file), sampler=SAMPLER, num_frames=9,
+                       optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"start": 0}, **kw)
 
 
 def test_official_grid_losses_are_the_official_wrappers(teacher_file):
