@@ -213,7 +213,7 @@ def test_global_batch_plan_of_the_documented_launches():
                                               f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"])
             assert cfg.data.batch_size == 64 // (devices * nodes)
             assert cfg.task.grad_accumulation == accumulation
-            assert cfg.task.teacher_dtype == "bfloat16" and cfg.task.activation_checkpointing
+            assert cfg.task.teacher_dtype == "bfloat16" and cfg.parallelize.activation_checkpointing
         cfg = compose("train", overrides=["experiment=hiar_fkl", "world=wan2.1_1.3b", "trainer.devices=3"])
         with pytest.raises(Exception, match="not a positive multiple of trainer.devices x trainer.num_nodes = 3"):
             _ = cfg.data.batch_size
