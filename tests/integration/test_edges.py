@@ -60,7 +60,8 @@ def fit(teacher, shards, root: Path, iterations: int, ckpt_path=None, callbacks=
     task = DistillTask(world=tiny_world(teacher), sampler=SAMPLER, num_frames=FRAMES, gen_update_ratio=RATIO,
                        optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"decay": 0.9, "start": 1},
                        export_dir=str(root / "export"), **task_kw)
-    data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=2, seed=0)
+    data = DistillDataModule(prompts=TOY_PROMPTS, num_prompts=5, shard_dir=str(shards), batch_size=2, seed=0,
+                             gen_update_ratio=RATIO, grad_accumulation=1, fkl_weight=task.hparams.fkl["weight"])
     trainer = L.Trainer(max_steps=sum(1 + (i % RATIO == 0) for i in range(iterations)), logger=logger,
                         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=root, plugins=[AtomicCheckpointIO()],
