@@ -22,68 +22,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-import webdataset as wds
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src.api import HiAR, parse_schedule
-from src.io import atomic_write_text
+from src.io import atomic_write_text, load_prompts
 from src.schema import check_generate, refusals
 from src.video_io import upscale_factor
 
 log = logging.getLogger(__name__)
-
-
-def _shard_urls(spec: str) -> str | list[str] | None:
-    """Webdataset shards named by a folder of .tar files, a .tar file or a brace pattern; None if spec is none."""
-    path = Path(spec)
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"prompt folder {spec} holds no .tar shards")
-        return shards
-    if spec.endswith(".tar") and "{" not in spec:
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt shard not found: {spec}")
-        return [spec]
-    if ".tar" in spec and "{" in spec:
-        return spec
-    return None
-
-
-def _shard_prompt(sample: dict) -> str:
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        if isinstance(meta, dict) and "prompt" in meta:
-            return str(meta["prompt"])
-    if "txt" in sample:
-        return sample["txt"].decode("utf-8")
-    raise ValueError(f"shard sample {sample.get('__key__')!r} has no prompt (a json 'prompt' field or a .txt entry)")
-
-
-def load_prompts(spec: str, limit: int | None = None) -> list[str]:
-    """A prompt, a text file (one prompt per non-empty line) or webdataset shards of the toy world."""
-    spec = str(spec)
-    urls = _shard_urls(spec)
-    if urls is not None:
-        prompts = []
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-            if limit is not None and len(prompts) >= limit:
-                break
-            prompts.append(_shard_prompt(sample))
-        source = f"shards {spec}"
-    elif Path(spec).is_file():
-        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-        source = f"prompt file {spec}"
-    elif spec.endswith((".txt", ".tar")):
-        raise FileNotFoundError(f"prompt file not found: {spec}")
-    else:
-        prompts = [spec.strip()] if spec.strip() else []
-        source = "the prompts argument"
-    prompts = prompts[:limit] if limit is not None else prompts
-    if not prompts:
-        raise ValueError(f"no prompts in {source}")
-    return prompts
 
 
 def slug(prompt: str, length: int = 48) -> str:

@@ -284,7 +284,7 @@ def check_generate(cfg: DictConfig) -> list[str]:
         check_wan_files(plain["world"], "generate")
     check_writable(plain["output_dir"], "output_dir")
     from src.api import parse_schedule
-    from src.generate import load_prompts
+    from src.io import load_prompts
 
     spec = plain["prompts"]
     if not isinstance(spec, str) or not spec.strip():

@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from src.checkpoints import save_dit
-from src.generate import generate, load_prompts
+from src.generate import generate
+from src.io import load_prompts
 from src.models.wan import WanConfig, WanDiT
 from src.video_io import pixel_format, read_video
 from src.worlds.toy.data import write_shards
