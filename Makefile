@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m src.demo
 
+# TEST_WORKERS pytest-xdist processes, each module on one of them (its module fixtures built once), one thread each
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 # the unit tests alone (one piece each, no training runs, compile or processes); the target is under 60 s on 2 quiet cores
 test-fast: setup

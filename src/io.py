@@ -81,8 +81,9 @@ class DiskFullError(OSError):
     """A write failed for want of space; errno ENOSPC, filename the destination."""
 
 
-# what torch's zip writer (inline_container.cc) and safetensors raise when a write comes up short
-_SHORT_WRITE = ("unexpected pos", "file write failed", "No space left on device", "os error 28")
+# what torch's zip writer (inline_container.cc; "iostream error" from the C++ stream of builds that write through one)
+# and safetensors raise when a write comes up short
+_SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error", "No space left on device", "os error 28")
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers on 2 cores: one thread each, and for the processes they start (more threads
+# than cores slows every run many-fold); a plain `pytest` keeps up to 2
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 from src.models.wan import WanConfig, WanDiT  # noqa: E402
 
