@@ -15,7 +15,10 @@ defaults) and differ by experiment config and seed. Each evaluation: 81-frame (2
 x 2 noise seeds = 96 videos, with noise that neither training nor the demo draws, scored by the oracle per 4 s segment.
 A cell is the mean over training seeds +- their standard error (one seed: the standard error over its videos, marked
 *). Every row is also compared with the ODE init sampled the same way on the same videos (paired difference).
-Outputs: outputs/toy_ablation/ (artifacts, runs, scores), and here results.{md,json} and plots/*.png.
+Outputs: outputs/toy_ablation/ (artifacts, runs, scores), and here results.{md,json}, plots/*.png and scores/: every
+score file is kept in the repository (copied here by `report`, and back into --out before any work), so the tables are
+rebuilt from the repository alone and a lost --out costs no evaluation. A row without any score file keeps its entry
+of the previous results.json, marked as carried over (rows measured before the scores were kept).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,8 +510,23 @@ def weight_change(out: Path) -> dict[str, float]:
     return change
 
 
+def sync_scores(out: Path, dest: Path) -> None:
+    """Each score file missing on one side (the work folder's scores/ or the kept copies in dest/scores/) is copied
+    from the other."""
+    work, kept = out / "scores", dest / "scores"
+    for a, b in ((work, kept), (kept, work)):
+        for path in sorted(a.glob("*.json")) if a.exists() else []:
+            if not (b / path.name).exists():
+                b.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(b / path.name, path.read_text())
+
+
 def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
-    """results.json, results.md and plots/ in `dest` from every score file under `out`."""
+    """results.json, results.md and plots/ in `dest` from every score file under `out` (synced with dest/scores).
+    Whatever this run cannot measure (a row without score files, the curves and weights of students no longer under
+    `out`) is kept from the previous results.json; such rows say `"carried_over": true`."""
+    sync_scores(out, dest)
+    previous = _load_json(dest / "results.json", {})
     truth = _load_json(out / "scores" / "ground_truth.json", None)
     results = {"seeds": seeds, "rows": {}, "student_seconds": _load_json(out / "student_seconds.json", {})}
     if truth is not None:
@@ -517,22 +536,24 @@ def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
         }
     for row in ROWS:
         stats = row_statistics(out, row, seeds)
+        old = previous.get("rows", {}).get(row.name)
         results["rows"][row.name] = (
-            {**stats, "table": row.table, "student": row.student, "sampling": list(row.sampling)} if stats else None)
+            {**stats, "table": row.table, "student": row.student, "sampling": list(row.sampling)} if stats
+            else {**old, "carried_over": True} if old else None)
+    results["student_seconds"] = {**previous.get("student_seconds", {}), **results["student_seconds"]}
     fig4 = {p.stem.removeprefix("fig4_"): json.loads(p.read_text()) for p in sorted((out / "scores").glob("fig4_*.json"))}
     for points in fig4.values():
         bi = [p["bidirectional"] for p in points["points"]]
         causal = [p["causal"] for p in points["points"]]
         points["pearson_r"] = float(np.corrcoef(bi, causal)[0, 1]) if len(bi) > 2 else None
-    results["fig4"] = fig4
-    results["weight_change_from_ode_init"] = weight_change(out)
-    results["block_boundaries"] = {}
+    results["fig4"] = fig4 = {**previous.get("fig4", {}), **fig4}
+    results["weight_change_from_ode_init"] = {**previous.get("weight_change_from_ode_init", {}), **weight_change(out)}
+    results["block_boundaries"] = dict(previous.get("block_boundaries", {}))
     for p in sorted((out / "scores").glob("boundaries_*.json")):
         probe = json.loads(p.read_text())
         results["block_boundaries"][probe["row"]] = {
             m: mean_se([v[m] for v in probe["videos"] if v[m] is not None]) for m in probe["videos"][0]}
-    curves = training_curves(out)
-    results["training_curves"] = curves
+    results["training_curves"] = curves = {**previous.get("training_curves", {}), **training_curves(out)}
     results["plots"] = plot(results, fig4, curves, dest / "plots") if truth is not None else []
     atomic_write_text(dest / "results.json", json.dumps(results, indent=1, allow_nan=False))
     atomic_write_text(dest / "results.md", markdown(results))
@@ -554,7 +575,8 @@ def markdown(results: dict) -> str:
                 continue
             one = s["seeds"] == 1
             cells = [_cell(s[m], one) for m, _ in columns]
-            lines.append(f"| {row.name} | {s['seeds']} | {s['videos']} | " + " | ".join(cells)
+            carried = " †" if s.get("carried_over") else ""
+            lines.append(f"| {row.name}{carried} | {s['seeds']} | {s['videos']} | " + " | ".join(cells)
                          + f" | {_cell(s['segments']['fidelity'][-1], one)} | "
                          + (_cell(s["fidelity_vs_ode_init"], one) if s["fidelity_vs_ode_init"] else "")
                          + f" | {row.student} |")
@@ -564,6 +586,9 @@ def markdown(results: dict) -> str:
         lines += ["Ground truth (same prompts): " + ", ".join(f"{t} {g[m][0]:.3f}" for m, t in columns), ""]
     lines += [f"\\* one training seed: the standard error is over its {EVAL_PROMPTS * EVAL_NOISE_SEEDS} videos, not over"
               " seeds. Δ fidelity: the row minus the ODE init sampled the same way, paired over the same videos.", ""]
+    if any(s and s.get("carried_over") for s in results["rows"].values()):
+        lines += ["† carried over from the previous results.json: measured by an earlier run of this script whose "
+                  "per-video score files were not kept (scores/ holds those of every later run).", ""]
     if results["fig4"]:
         lines += ["## Fig. 4 analogue: one-step dynamics over training without forward-KL", "",
                   "| run | checkpoints | bidirectional first -> last | causal first -> last | Pearson r |",
@@ -607,6 +632,7 @@ def main(argv=None):
     out = (ROOT / args.out).resolve()
     common = [f"paths.artifacts_dir={out / 'artifacts'}", f"paths.log_dir={out / 'logs'}", *args.overrides]
     budget = Budget(args.budget_min)
+    sync_scores(out, HERE)  # the kept scores: nothing evaluated before is evaluated again
     if args.command in ("all", "train"):
         after_each = (lambda: evaluate(out, args.seeds, Budget(None))) if args.command == "all" else None
         train(out, args.seeds, args.only, common, budget, after_each)

@@ -108,6 +108,33 @@ def test_report_cells_are_means_and_standard_errors_over_seeds(tmp_path):
     assert all((tmp_path / "dest" / "plots" / name).stat().st_size > 0 for name in results["plots"])
 
 
+def test_report_keeps_scores_and_carries_rows_it_cannot_measure(tmp_path):
+    """Score files are copied into dest/scores (kept in the repository) and back into a work folder that lost them; a
+    row without score files keeps its previous results.json entry, marked; a row with score files is recomputed."""
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    (out / "scores").mkdir(parents=True)
+    hiar_fkl = next(r for r in ablation.ROWS if r.student == "hiar_fkl")
+    clean = next(r for r in ablation.ROWS if r.student == "tc_clean")
+    (out / "scores" / f"{hiar_fkl.eval_key(0)}.json").write_text(json.dumps(_scores([1, 0])))
+    dest.mkdir()
+    point = {"checkpoint": "ode_init.safetensors", "iteration": 0, "bidirectional": 0.3, "causal": 0.2}
+    old = {"seeds": 1, "videos": 4, **{m: [0.75, 0.1] for m in ablation.MEASURES}, "fidelity_vs_ode_init": None,
+           "segments": {"fidelity": [[0.75, 0.1]] * 5}}
+    (dest / "results.json").write_text(json.dumps({"rows": {clean.name: old, hiar_fkl.name: {**old, "seeds": 9}},
+                                                   "fig4": {"hiar_s5": {"points": [point], "pearson_r": None}},
+                                                   "student_seconds": {"tc_clean_s0": 10.0}}))
+    results = ablation.report(out, [0], dest=dest)
+    assert (dest / "scores" / f"{hiar_fkl.eval_key(0)}.json").read_text() == json.dumps(_scores([1, 0]))
+    assert results["rows"][clean.name] == {**old, "carried_over": True}
+    assert results["rows"][hiar_fkl.name]["seeds"] == 1 and "carried_over" not in results["rows"][hiar_fkl.name]
+    assert results["fig4"] == {"hiar_s5": {"points": [point], "pearson_r": None}}
+    assert results["student_seconds"] == {"tc_clean_s0": 10.0}
+    assert f"| {clean.name} † | 1 | 4 | 0.750 ± 0.100*" in (dest / "results.md").read_text()
+    (out / "scores" / f"{hiar_fkl.eval_key(0)}.json").unlink()  # the work folder lost it: the kept copy comes back
+    ablation.sync_scores(out, dest)
+    assert (out / "scores" / f"{hiar_fkl.eval_key(0)}.json").read_text() == json.dumps(_scores([1, 0]))
+
+
 def test_block_boundary_measures_split_motion_inside_and_across_blocks():
     import torch
 
