@@ -29,10 +29,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from src.demo import ROOT
+from src.distributed.parallelize import applied_settings
+from src.distributed.strategies import dit_children
 from src.io import atomic_write_text
 
 VARIANTS = {
-    "eager float32": [],
+    "eager float32 (the toy recipe)": [],
+    # the Wan world's memory setting: what the toy world saves by leaving it off
+    "activation checkpointing on": ["world.training.activation_checkpointing=true"],
     "compiled blocks (torch.compile, training)": ["parallelize.compile=true"],
 }
 
@@ -62,13 +66,17 @@ def time_variant(overrides: list[str], artifacts: Path, iterations: int, warmup:
         timer = IterationTimer()
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                            **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}))
+                            # the strategy applies conf/parallelize (checkpointing, compile): the variants
+                            strategy=hydra.utils.instantiate(cfg.get("strategy") or cfg.trainer.strategy))
         trainer.fit(module, datamodule=datamodule)
+    # what the strategy really applied to each trained DiT (a variant that applied nothing measures nothing)
+    applied = {name: applied_settings(dit) for name, dit in dit_children(module).items()}
     timed = timer.seconds[warmup:]
     generator = [s for g, s in timed if g]
     critic = [s for g, s in timed if not g]
     per_iteration = (statistics.median(generator) + (ratio - 1) * statistics.median(critic)) / ratio
-    return {"overrides": overrides, "gen_update_ratio": ratio, "iterations_timed": len(timed), "warmup": warmup,
+    return {"overrides": overrides, "applied": applied, "gen_update_ratio": ratio, "iterations_timed": len(timed),
+            "warmup": warmup,
             "generator_iteration_s": {"median": statistics.median(generator), "all": generator},
             "critic_only_iteration_s": {"median": statistics.median(critic), "all": critic},
             "recipe_iteration_s": per_iteration, "iterations_per_s": 1 / per_iteration,

@@ -255,7 +255,7 @@ def main():
         "transfer_s": transfer,
         "cpu": cpu,
         "wan_1_3b_predicted": {
-            "method": "FLOP count (schedule_model.forward_flops) at an assumed 400 TFLOP/s, 5 ms per forward, "
+            "method": "FLOP count (src.perf.timing_model.forward_flops) at an assumed 400 TFLOP/s, 5 ms per forward, "
                       "0.1 ms per block transfer; no GPU measurement (none available)",
             "cost": {"a_s": gpu_cost.a, "b_s_per_frame": gpu_cost.b, "c_s_per_frame2": gpu_cost.c},
             "blocks": gpu,

@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,14 +539,15 @@ def report(out: Path, seeds: list[int], dest: Path = HERE) -> dict:
         results["rows"][row.name] = (
             {**stats, "table": row.table, "student": row.student, "sampling": list(row.sampling)} if stats
             else {**old, "carried_over": True} if old else None)
-    results["student_seconds"] = {**previous.get("student_seconds", {}), **results["student_seconds"]}
+    results["student_seconds"] = dict(sorted({**previous.get("student_seconds", {}), **results["student_seconds"]}.items()))
     fig4 = {p.stem.removeprefix("fig4_"): json.loads(p.read_text()) for p in sorted((out / "scores").glob("fig4_*.json"))}
     for points in fig4.values():
         bi = [p["bidirectional"] for p in points["points"]]
         causal = [p["causal"] for p in points["points"]]
         points["pearson_r"] = float(np.corrcoef(bi, causal)[0, 1]) if len(bi) > 2 else None
     results["fig4"] = fig4 = {**previous.get("fig4", {}), **fig4}
-    results["weight_change_from_ode_init"] = {**previous.get("weight_change_from_ode_init", {}), **weight_change(out)}
+    results["weight_change_from_ode_init"] = dict(sorted(
+        {**previous.get("weight_change_from_ode_init", {}), **weight_change(out)}.items()))
     results["block_boundaries"] = dict(previous.get("block_boundaries", {}))
     for p in sorted((out / "scores").glob("boundaries_*.json")):
         probe = json.loads(p.read_text())

@@ -105,3 +105,8 @@ def parallelize_dit(model: nn.Module, cfg: ParallelizeConfig, shard: Callable[[n
     elif _applied[model] != asdict(cfg):
         raise ValueError(f"this model was parallelized with {_applied[model]}, not {asdict(cfg)}")
     return shard(model) if shard is not None else model
+
+
+def applied_settings(model: nn.Module) -> dict | None:
+    """What ``parallelize_dit`` applied to ``model`` (its ParallelizeConfig as a dict); None if it never ran on it."""
+    return _applied.get(model)

@@ -293,8 +293,9 @@ def test_publish_repairs_what_an_interrupted_one_left(tmp_path):
 
 @pytest.mark.parametrize("failure", ["torch", "oserror"])
 def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
-    """torch's own error on a full device ("unexpected pos" or "iostream error", by build; reproduced by writing to /dev/full) and a plain ENOSPC
-    both become "no space left on device" with the path; the previous checkpoint and its checksum stay."""
+    """torch's own error on a full device ("unexpected pos" or "iostream error", by build; reproduced by writing to
+    /dev/full) and a plain ENOSPC both become "no space left on device" with the path; the previous checkpoint and its
+    checksum stay."""
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     save = torch.save

@@ -1,13 +1,15 @@
 """parallelize_dit (src/distributed/parallelize.py): what it applies to a DiT from outside, in which order, once; and
 that every strategy applies it with the run's `parallelize` settings."""
 
+from dataclasses import asdict
+
 import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from src.distributed.parallelize import ParallelizeConfig, is_checkpointed, parallelize_dit
+from src.distributed.parallelize import ParallelizeConfig, applied_settings, is_checkpointed, parallelize_dit
 from src.distributed.strategies import (
     DeepSpeedEnginesStrategy,
     FSDP2Strategy,
@@ -34,7 +36,9 @@ def test_checkpointing_then_compile_then_shard_once(tiny_config):
         return "engine"
 
     cfg = ParallelizeConfig(activation_checkpointing=True)
+    assert applied_settings(model) is None
     assert parallelize_dit(model, cfg, shard) == "engine" and seen == [True]
+    assert applied_settings(model) == asdict(cfg)
     assert parallelize_dit(model, cfg) is model and is_checkpointed(model)  # a second setup: not checkpointed twice
     assert model.blocks[0].forward.args[0].__self__ is model.blocks[0]
     with pytest.raises(ValueError, match="parallelized with"):
