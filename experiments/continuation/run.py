@@ -197,19 +197,32 @@ def fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}"
 
 
+def versus_scratch(record: dict, scratch: dict) -> list[float]:
+    """20 s fidelity after the seam minus the same student's from scratch, paired over the same prompts and noise:
+    [mean, standard error over videos]."""
+    diff = np.array([a["fidelity"] - b["fidelity"] for a, b in zip(record["videos"], scratch["videos"], strict=True)])
+    return [float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))]
+
+
 def report(out: Path, dest: Path = HERE) -> dict:
-    results = {}
-    for path in sorted((out / "scores").glob("*.json")):
-        results[path.stem] = summarise(json.loads(path.read_text()))
+    records = {path.stem: json.loads(path.read_text()) for path in sorted((out / "scores").glob("*.json"))}
+    results = {key: summarise(record) for key, record in records.items()}
+    for key, r in results.items():
+        scratch = key.replace("_context_", "_scratch_").replace("_switch_", "_scratch_")
+        r["fidelity_vs_scratch"] = (versus_scratch(records[key], records[scratch])
+                                    if scratch != key and scratch in records else None)
     lines = ["| row | context blocks | videos | seam err px (median) | seam found | found | colour err | shape | "
-             "direction, first 4 s | direction | fidelity | fidelity per ~4 s segment |", "|" + "---|" * 12]
+             "direction, first 4 s | direction | fidelity | fidelity per ~4 s segment | Δ fidelity vs scratch |",
+             "|" + "---|" * 13]
     order = {row.name: i for i, row in enumerate(ROWS)}
     for r in sorted(results.values(), key=lambda r: (r["blocks"], order.get(r["row"], 99))):
         lines.append(f"| {r['row']} | {r['blocks']} | {r['videos']} | {fmt(r['seam_error_median'], 2)} | "
                      f"{fmt(r['seam_found'])} | {fmt(r['object_found'])} | {fmt(r['object_color_error'])} | "
                      f"{fmt(r['shape_agreement'])} | {fmt(r['direction_segments'][0])} | "
                      f"{fmt(r['direction_agreement'])} | {fmt(r['fidelity'])} | "
-                     f"{' / '.join(fmt(v, 2) for v in r['fidelity_segments'])} |")
+                     f"{' / '.join(fmt(v, 2) for v in r['fidelity_segments'])} | "
+                     + (f"{r['fidelity_vs_scratch'][0]:+.3f} ± {r['fidelity_vs_scratch'][1]:.3f} |"
+                        if r["fidelity_vs_scratch"] else " |"))
     atomic_write_text(dest / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(dest / "results.json", json.dumps(results, indent=1))
     print("\n".join(lines))

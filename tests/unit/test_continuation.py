@@ -285,3 +285,17 @@ def test_experiment_seam_error_and_prompt_switch():
     assert seam_error(shifted, truth, prompt, 3) == pytest.approx(5 ** 0.5, abs=1e-3)
     assert seam_error(torch.full_like(truth, -1.0), truth, prompt, 3) == float("inf")  # no object: infinite
     assert turned(prompt) == "a red circle moving up on a black background"
+
+
+def test_experiment_pairs_each_continuation_with_its_scratch_row():
+    """experiments/continuation report: a continuation's fidelity minus the same student's from scratch, video by
+    video: mean and standard error over the videos."""
+    from experiments.continuation.run import versus_scratch
+
+    def record(fidelities):
+        return {"videos": [{"fidelity": f} for f in fidelities]}
+
+    mean, se = versus_scratch(record([1.0, 0.0, 1.0, 1.0]), record([1.0, 1.0, 0.0, 0.0]))  # differences 0, -1, 1, 1
+    assert mean == pytest.approx(0.25) and se == pytest.approx(float(np.std([0, -1, 1, 1], ddof=1)) / 2)
+    with pytest.raises(ValueError):  # different video sets never pair
+        versus_scratch(record([1.0]), record([1.0, 0.0]))
