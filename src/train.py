@@ -76,6 +76,19 @@ def check(cfg: DictConfig) -> dict[str, dict]:
     return artifacts.check_inputs(cfg)  # a stale input is refused here
 
 
+def make_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    """The Trainer ``cfg`` describes: its callbacks and loggers, its strategy (which applies conf/parallelize to every
+    DiT) and the atomic checkpoint IO; ``overrides`` replace any Trainer argument (a benchmark's own callbacks)."""
+    kwargs = {
+        **short_run_logging(cfg.trainer),
+        "callbacks": instantiate_all(cfg.get("callbacks")),
+        "logger": instantiate_all(cfg.get("logger")) or False,
+        **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
+        "plugins": [AtomicCheckpointIO()],  # atomic checksummed finite saves, weights_only loads
+    }
+    return hydra.utils.instantiate(cfg.trainer, **{**kwargs, **overrides})
+
+
 def train(cfg: DictConfig, used: dict[str, dict] | None = None) -> dict[str, float]:
     """Fit (or predict) the stage `cfg` runs; `used`: its inputs' manifests when `check` already ran."""
     used = check(cfg) if used is None else used
@@ -89,14 +102,7 @@ def train(cfg: DictConfig, used: dict[str, dict] | None = None) -> dict[str, flo
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data) if cfg.get("data") else None
     module = hydra.utils.instantiate(cfg.task, _recursive_=False)
-    trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        **short_run_logging(cfg.trainer),
-        callbacks=instantiate_all(cfg.get("callbacks")),
-        logger=instantiate_all(cfg.get("logger")) or False,
-        **({"strategy": hydra.utils.instantiate(cfg.strategy)} if cfg.get("strategy") else {}),
-        plugins=[AtomicCheckpointIO()],  # atomic checksummed finite saves, weights_only loads
-    )
+    trainer = make_trainer(cfg)
     if cfg.get("mode", "fit") == "predict":  # generation stages (ODE pairs) write through prediction callbacks
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     else:

@@ -32,6 +32,7 @@ from src.demo import ROOT
 from src.distributed.parallelize import applied_settings
 from src.distributed.strategies import dit_children
 from src.io import atomic_write_text
+from src.train import make_trainer
 
 VARIANTS = {
     "eager float32 (the toy recipe)": [],
@@ -64,10 +65,9 @@ def time_variant(overrides: list[str], artifacts: Path, iterations: int, warmup:
         datamodule = hydra.utils.instantiate(cfg.data)
         module = hydra.utils.instantiate(cfg.task, _recursive_=False)
         timer = IterationTimer()
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                            # the strategy applies conf/parallelize (checkpointing, compile): the variants
-                            strategy=hydra.utils.instantiate(cfg.get("strategy") or cfg.trainer.strategy))
+        # the run's own Trainer (src.train): its strategy applies conf/parallelize (checkpointing, compile), the variants
+        trainer = make_trainer(cfg, accelerator="cpu", max_steps=steps, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     # what the strategy really applied to each trained DiT (a variant that applied nothing measures nothing)
     applied = {name: applied_settings(dit) for name, dit in dit_children(module).items()}

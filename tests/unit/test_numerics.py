@@ -201,6 +201,15 @@ def make_task(teacher_file, **kw):
                        optim={"lr_generator": 1e-3, "lr_critic": 1e-3}, ema={"start": 0}, **kw)
 
 
+def written_out_dmd_gradient(task, x, x_t, t, sigma, cond, uncond):
+    """The DMD gradient as the official wrappers compute it, with x0 = x_t - sigma v for teacher (CFG 3) and critic."""
+    real_c = x_t.double() - sigma * task.teacher(x_t, t, cond).double()
+    real_u = x_t.double() - sigma * task.teacher(x_t, t, uncond).double()
+    real = real_c + 3.0 * (real_c - real_u)
+    fake = x_t.double() - sigma * task.critic(x_t, t, cond).double()
+    return (fake - real) / (x.double() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
 def test_official_grid_losses_are_the_official_wrappers(teacher_file):
     """DMD and critic with sigma_lookup official_grid equal the official wrappers' formulas, written out here: noise on
     the generator's shift-5 grid, score x0 = x_t - sigma_8 v, the critic's flow (x_t - x0_fake) / sigma_5."""
@@ -212,11 +221,7 @@ def test_official_grid_losses_are_the_official_wrappers(teacher_file):
     s5, s8 = (grid_sigma(t, shift).reshape(-1, 1, 1, 1, 1) for shift in (5.0, 8.0))
     assert torch.allclose(x_t.double(), (1 - s5) * x.double() + s5 * noise.double(), rtol=0, atol=1e-6)
     with torch.no_grad():
-        real_c = x_t.double() - s8 * task.teacher(x_t, t, cond).double()
-        real_u = x_t.double() - s8 * task.teacher(x_t, t, uncond).double()
-        real = real_c + 3.0 * (real_c - real_u)
-        fake = x_t.double() - s8 * task.critic(x_t, t, cond).double()
-        expected = (fake - real) / (x.double() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        expected = written_out_dmd_gradient(task, x, x_t, t, s8, cond, uncond)
         assert torch.allclose(task.dmd_gradient(x, cond, uncond).double(), expected, rtol=1e-5, atol=1e-6)
         x_t, noise, t = task.noisy(x, "critic_noise")
         s5, s8 = (grid_sigma(t, shift).reshape(-1, 1, 1, 1, 1) for shift in (5.0, 8.0))
@@ -237,12 +242,7 @@ def test_exact_lookup_is_t_over_1000(teacher_file):
         x_t, noise, t = task.noisy(x, "critic_noise")
         assert torch.equal(task.critic_loss(x, cond), F.mse_loss(task.critic(x_t, t, cond), noise - x))
         x_t, _, t = task.noisy(x, "dmd_noise")
-        s = t.double().reshape(-1, 1, 1, 1, 1) / 1000
-        real_c = x_t.double() - s * task.teacher(x_t, t, cond).double()
-        real_u = x_t.double() - s * task.teacher(x_t, t, uncond).double()
-        real = real_c + 3.0 * (real_c - real_u)
-        fake = x_t.double() - s * task.critic(x_t, t, cond).double()
-        expected = (fake - real) / (x.double() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        expected = written_out_dmd_gradient(task, x, x_t, t, t.double().reshape(-1, 1, 1, 1, 1) / 1000, cond, uncond)
         assert torch.allclose(task.dmd_gradient(x, cond, uncond).double(), expected, rtol=1e-5, atol=1e-6)
 
 
